@@ -1,0 +1,69 @@
+"""Attention backends: one contract, a registry by name.
+
+Every backend is a plain function
+
+    fn(module, query, key, value, mask, scaling, dropout) -> (attn_output (B, T, H, D), weights | None)
+
+with query (B, H, T, D) and key/value (B, Hkv, S, D), S = cached + T. ``module`` is the
+LlamaAttention layer (num_key_value_groups, head_dim, layer_idx, training). What ``mask`` is
+depends on the backend's ``mask_format`` (see ``masks.py``); the model builds it once per forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .eager import eager_attention_forward
+from .masks import VarlenMask, build_attention_mask
+from .sdpa import sdpa_attention_forward
+
+AttentionFn = Callable[[nn.Module, Tensor, Tensor, Tensor, object, float, float], tuple[Tensor, Tensor | None]]
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    """A named attention function and what it needs.
+
+    mask_format: "additive", "bool" or "varlen" (see masks.py).
+    check_available: called when a model selects the backend, with the model's device; raises a
+        clear error if the backend cannot run there (missing package, no CUDA).
+    returns_weights: whether ``output_attentions`` can be honoured.
+    """
+
+    name: str
+    forward: AttentionFn
+    mask_format: str
+    check_available: Callable[[torch.device | None], None] | None = None
+    returns_weights: bool = False
+
+
+BACKENDS: dict[str, AttentionBackend] = {}
+
+
+def register_backend(backend: AttentionBackend) -> None:
+    """Add (or replace) a backend under ``backend.name``."""
+    BACKENDS[backend.name] = backend
+
+
+def get_backend(name: str) -> AttentionBackend:
+    """The backend called ``name``; ValueError listing the choices otherwise."""
+    if name not in BACKENDS:
+        raise ValueError(f"attn_implementation={name!r}; expected one of {sorted(BACKENDS)}")
+    return BACKENDS[name]
+
+
+register_backend(AttentionBackend("eager", eager_attention_forward, "additive", returns_weights=True))
+register_backend(AttentionBackend("sdpa", sdpa_attention_forward, "bool"))
+
+__all__ = [
+    "AttentionBackend",
+    "BACKENDS",
+    "VarlenMask",
+    "build_attention_mask",
+    "get_backend",
+    "register_backend",
+]

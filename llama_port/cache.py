@@ -1,0 +1,133 @@
+"""Key/value caches: what attention layers keep of past tokens so decoding costs O(T) per token.
+
+Both caches hold one (B, Hkv, S, D) key and value tensor per layer and share one interface:
+
+* ``update(key, value, layer_idx, cache_position)`` stores the new (B, Hkv, T, D) keys/values and
+  returns everything the layer must attend to;
+* ``get_seq_length()`` is the number of tokens stored; ``kv_length(q_length)`` the key length the
+  next forward's attention will see (what its mask must cover);
+* ``crop(max_length)`` forgets everything past ``max_length`` tokens.
+
+``DynamicCache`` grows by concatenation. ``StaticCache`` is preallocated to ``max_cache_len`` and
+written in place at ``cache_position`` (``k_cache[:, :, cache_position] = k``, as gpt-fast does), so
+its shapes never change and ``torch.compile`` / CUDA graphs can capture the decode step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .configuration import LlamaConfig
+
+
+class DynamicCache:
+    """A cache that grows with every forward (torch.cat along the sequence axis)."""
+
+    is_static = False
+
+    def __init__(self) -> None:
+        self.key_cache: list[Tensor] = []
+        self.value_cache: list[Tensor] = []
+
+    def update(self, key: Tensor, value: Tensor, layer_idx: int, cache_position: Tensor | None = None):
+        """Append key/value (B, Hkv, T, D) to layer ``layer_idx``; returns its (B, Hkv, S, D) pair."""
+        if layer_idx == len(self.key_cache):
+            self.key_cache.append(key)
+            self.value_cache.append(value)
+        else:
+            self.key_cache[layer_idx] = torch.cat([self.key_cache[layer_idx], key], dim=-2)
+            self.value_cache[layer_idx] = torch.cat([self.value_cache[layer_idx], value], dim=-2)
+        return self.key_cache[layer_idx], self.value_cache[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.key_cache[layer_idx].shape[-2] if layer_idx < len(self.key_cache) else 0
+
+    def kv_length(self, q_length: int) -> int:
+        return self.get_seq_length() + q_length
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` tokens (a negative value drops that many from the end)."""
+        if max_length < 0:
+            max_length = self.get_seq_length() + max_length
+        for i in range(len(self.key_cache)):
+            self.key_cache[i] = self.key_cache[i][..., :max_length, :]
+            self.value_cache[i] = self.value_cache[i][..., :max_length, :]
+
+    def reorder(self, beam_idx: Tensor) -> None:
+        """Select/reorder batch rows (B,) in place."""
+        for i in range(len(self.key_cache)):
+            self.key_cache[i] = self.key_cache[i].index_select(0, beam_idx.to(self.key_cache[i].device))
+            self.value_cache[i] = self.value_cache[i].index_select(0, beam_idx.to(self.value_cache[i].device))
+
+
+class StaticCache:
+    """A cache preallocated to (max_batch_size, Hkv, max_cache_len, D) per layer, written in place.
+
+    The number of stored tokens is tracked on the host (``seq_length``), advanced by the last layer's
+    update, so reading it never synchronises with the device.
+    """
+
+    is_static = True
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        max_batch_size: int,
+        max_cache_len: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if max_cache_len < 1 or max_batch_size < 1:
+            raise ValueError(
+                f"StaticCache: max_batch_size={max_batch_size}, max_cache_len={max_cache_len}; both must be >= 1"
+            )
+        self.max_batch_size = max_batch_size
+        self.max_cache_len = max_cache_len
+        self.num_layers = config.num_hidden_layers
+        shape = (max_batch_size, config.num_key_value_heads, max_cache_len, config.head_dim)
+        self.key_cache = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(self.num_layers)]
+        self.value_cache = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(self.num_layers)]
+        self.seq_length = 0
+
+    def update(self, key: Tensor, value: Tensor, layer_idx: int, cache_position: Tensor | None = None):
+        """Write key/value (B, Hkv, T, D) at ``cache_position`` (T,) (default: right after what is
+        stored); returns the whole (B, Hkv, max_cache_len, D) buffers of layer ``layer_idx``."""
+        batch, _, q_length, _ = key.shape
+        if cache_position is None:
+            cache_position = torch.arange(self.seq_length, self.seq_length + q_length, device=key.device)
+        end = self.seq_length + q_length
+        if end > self.max_cache_len:
+            raise ValueError(
+                f"StaticCache holds {self.max_cache_len} tokens; writing {q_length} after {self.seq_length} overflows it"
+            )
+        k_out, v_out = self.key_cache[layer_idx], self.value_cache[layer_idx]
+        if batch != self.max_batch_size:
+            raise ValueError(f"StaticCache was built for batch size {self.max_batch_size}, got {batch}")
+        k_out.index_copy_(2, cache_position, key.to(k_out.dtype))
+        v_out.index_copy_(2, cache_position, value.to(v_out.dtype))
+        if layer_idx == self.num_layers - 1:
+            self.seq_length = end
+        return k_out, v_out
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seq_length
+
+    def kv_length(self, q_length: int) -> int:
+        return self.max_cache_len
+
+    def crop(self, max_length: int) -> None:
+        """Forget tokens past ``max_length`` (their slots are zeroed, so a later reader sees no stale data)."""
+        if max_length < 0:
+            max_length = self.seq_length + max_length
+        for k, v in zip(self.key_cache, self.value_cache):
+            k[:, :, max_length:].zero_()
+            v[:, :, max_length:].zero_()
+        self.seq_length = min(self.seq_length, max_length)
+
+    def reset(self) -> None:
+        """Empty the cache, keeping its buffers (for the next generate call)."""
+        self.crop(0)
+
+
+KVCache = DynamicCache | StaticCache

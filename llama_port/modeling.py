@@ -1,0 +1,532 @@
+"""The LLaMA decoder (Touvron et al. 2023), module for module as transformers' ``modeling_llama.py``.
+
+Token embedding -> N x [RMSNorm -> grouped-query self-attention with RoPE and a causal mask ->
+residual -> RMSNorm -> SwiGLU feed-forward -> residual] -> RMSNorm -> linear head (logits; softmax
+is left to the loss and the sampler). Module and parameter names are transformers', so a
+transformers state dict loads with no renaming. This module knows nothing of checkpoint formats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import AttentionBackend, build_attention_mask, get_backend
+from .cache import DynamicCache, KVCache
+from .configuration import LlamaConfig
+from .rope import apply_rotary_pos_emb, compute_inv_freq
+
+DEFAULT_ATTN_IMPLEMENTATION = "sdpa"
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+@dataclass
+class LlamaModelOutput:
+    """last_hidden_state (B, T, C) after the final norm; hidden_states: embeddings then each layer's
+    output (the last one normed), when asked; attentions: (B, H, T, S) per layer, when asked."""
+
+    last_hidden_state: Tensor
+    past_key_values: KVCache | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
+
+
+@dataclass
+class CausalLMOutput:
+    """logits (B, T', V) for the kept positions; loss: mean next-token cross-entropy when labels given."""
+
+    logits: Tensor
+    loss: Tensor | None = None
+    past_key_values: KVCache | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
+
+
+class LlamaRMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * weight, no mean subtraction, no bias."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)  # parity: the statistics in float32
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)  # parity: cast before the weight multiply
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class LlamaRotaryEmbedding(nn.Module):
+    """RoPE: cos/sin (B, T, D) for given positions, from ``config.rope_parameters`` (see rope.py).
+
+    Dynamic NTK and longrope change their frequencies with the sequence length, statefully as in
+    transformers: dynamic grows its frequencies once positions pass the longest seen and resets
+    them when a short sequence comes back; longrope switches to its long factors past the
+    original context.
+    """
+
+    def __init__(self, config: LlamaConfig, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.rope_type = config.rope_parameters["rope_type"]
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        inv_freq, self.attention_scaling = compute_inv_freq(config, device)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    def reset_parameters(self) -> None:
+        """Recompute the frequencies (after the module was built on the meta device)."""
+        inv_freq, self.attention_scaling = compute_inv_freq(self.config, self.inv_freq.device)
+        self.inv_freq = inv_freq
+        self.original_inv_freq = inv_freq.clone()
+        self.max_seq_len_cached = self.original_max_seq_len
+
+    @torch.no_grad()
+    def _update_frequencies(self, position_ids: Tensor) -> None:
+        seq_len = int(position_ids.max()) + 1
+        device = self.inv_freq.device
+        if self.rope_type == "dynamic":
+            if seq_len > self.max_seq_len_cached:  # growth
+                self.inv_freq, self.attention_scaling = compute_inv_freq(self.config, device, seq_len)
+                self.max_seq_len_cached = seq_len
+            if seq_len < self.original_max_seq_len < self.max_seq_len_cached:  # back to the trained range
+                self.inv_freq = self.original_inv_freq
+                self.max_seq_len_cached = self.original_max_seq_len
+        elif self.rope_type == "longrope":
+            original_max = self.config.rope_parameters["original_max_position_embeddings"]
+            long_inv_freq, _ = compute_inv_freq(self.config, device, original_max + 1)
+            self.inv_freq = long_inv_freq if seq_len > original_max else self.original_inv_freq
+
+    @torch.no_grad()
+    def forward(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """position_ids (B or 1, T) -> cos, sin (B or 1, T, D) in x's dtype."""
+        if self.rope_type in ("dynamic", "longrope"):
+            self._update_frequencies(position_ids)
+        device_type = x.device.type if x.device.type != "mps" else "cpu"
+        # The angles are computed in float32 whatever the weights' dtype or an enclosing autocast:
+        # positions times frequencies lose whole radians in bf16 at long context.
+        with torch.autocast(device_type=device_type, enabled=False):
+            freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)  # (B, T, D/2)
+            emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D): the half-split layout of rotate_half
+            cos = emb.cos() * self.attention_scaling
+            sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)  # parity: cast to the activations' dtype last
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020): down(act(gate(x)) * up(x)), act = SiLU for LLaMA."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.intermediate_size = config.intermediate_size
+        self.gate_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=config.mlp_bias)
+        self.act_fn = ACTIVATIONS[config.hidden_act]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaAttention(nn.Module):
+    """Grouped-query self-attention (Ainslie et al. 2023) with RoPE: H query heads share Hkv
+    key/value heads (Hkv = H: multi-head; Hkv = 1: multi-query). The kernel is the backend's."""
+
+    def __init__(self, config: LlamaConfig, layer_idx: int, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.backend = backend
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: object,
+        past_key_values: KVCache | None,
+        cache_position: Tensor | None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """hidden_states (B, T, C) -> ((B, T, C), attention weights (B, H, T, S) or None).
+
+        Writes this layer's keys/values into ``past_key_values`` when given."""
+        B, T, _ = hidden_states.shape
+        D = self.head_dim
+        query_states = self.q_proj(hidden_states).view(B, T, -1, D).transpose(1, 2)  # (B, H, T, D)
+        key_states = self.k_proj(hidden_states).view(B, T, -1, D).transpose(1, 2)  # (B, Hkv, T, D)
+        value_states = self.v_proj(hidden_states).view(B, T, -1, D).transpose(1, 2)  # (B, Hkv, T, D)
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(
+                key_states, value_states, self.layer_idx, cache_position
+            )  # (B, Hkv, S, D)
+
+        dropout = self.attention_dropout if self.training else 0.0
+        attn_output, attn_weights = self.backend.forward(
+            self, query_states, key_states, value_states, mask, self.scaling, dropout
+        )  # (B, T, H, D)
+        attn_output = attn_output.reshape(B, T, -1).contiguous()  # (B, T, H * D)
+        return self.o_proj(attn_output), attn_weights
+
+
+class LlamaDecoderLayer(nn.Module):
+    """One pre-norm transformer block: x + attn(norm(x)), then h + mlp(norm(h))."""
+
+    def __init__(self, config: LlamaConfig, layer_idx: int, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.self_attn = LlamaAttention(config, layer_idx, backend)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: object,
+        past_key_values: KVCache | None,
+        cache_position: Tensor | None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """(B, T, C) -> ((B, T, C), attention weights or None)."""
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, attn_weights = self.self_attn(hidden_states, cos, sin, mask, past_key_values, cache_position)
+        hidden_states = residual + hidden_states
+
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        hidden_states = residual + hidden_states
+        return hidden_states, attn_weights
+
+
+class LlamaPreTrainedModel(nn.Module):
+    """What LlamaModel and LlamaForCausalLM share: the config, the attention backend, weight
+    initialisation as transformers does it, gradient checkpointing, parameter counts."""
+
+    config: LlamaConfig
+
+    def __init__(self, config: LlamaConfig, attn_implementation: str | None = None) -> None:
+        super().__init__()
+        if not isinstance(config, LlamaConfig):
+            raise TypeError(f"config must be a llama_port.LlamaConfig, got {type(config).__name__}")
+        self.config = config
+        self.attn_implementation = attn_implementation or DEFAULT_ATTN_IMPLEMENTATION
+        self.attention_backend = get_backend(self.attn_implementation)
+
+    # -------------------------------------------------------------------------- attention backend
+    def set_attn_implementation(self, name: str) -> None:
+        """Switch every layer to the backend called ``name`` (ValueError for an unknown one)."""
+        backend = get_backend(name)
+        if backend.check_available is not None:
+            backend.check_available(self._device_or_none())
+        self.attn_implementation = name
+        self.attention_backend = backend
+        for module in self.modules():
+            if isinstance(module, LlamaAttention):
+                module.backend = backend
+            elif isinstance(module, LlamaPreTrainedModel):
+                module.attn_implementation = name
+                module.attention_backend = backend
+
+    def _device_or_none(self) -> torch.device | None:
+        param = next(self.parameters(), None)
+        return None if param is None else param.device
+
+    # ------------------------------------------------------------------------------ initialisation
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """transformers' init: normal(0, initializer_range) for Linear and Embedding weights (the
+        padding row zeroed), zero biases, ones for RMSNorm."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(mean=0.0, std=std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(mean=0.0, std=std)
+            if module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+        elif isinstance(module, LlamaRMSNorm):
+            module.weight.fill_(1.0)
+        elif isinstance(module, LlamaRotaryEmbedding):
+            module.reset_parameters()
+
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter, then re-tie the embeddings if the config says so."""
+        self.apply(self._init_weights)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Nothing to tie in the bare model; LlamaForCausalLM ties lm_head to the embedding."""
+
+    # ------------------------------------------------------------------------------------ training
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each decoder layer's activations in the backward pass instead of storing them."""
+        for module in self.modules():
+            if isinstance(module, LlamaModel):
+                module.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        for module in self.modules():
+            if isinstance(module, LlamaModel):
+                module.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(m.gradient_checkpointing for m in self.modules() if isinstance(m, LlamaModel))
+
+    # --------------------------------------------------------------------------------------- sizes
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameter count, each shared (tied) tensor counted once."""
+        excluded = set()
+        if exclude_embeddings:
+            excluded = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        unique = {id(p): p for p in self.parameters()}
+        return sum(
+            p.numel() for i, p in unique.items() if i not in excluded and (p.requires_grad or not only_trainable)
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+
+class LlamaModel(LlamaPreTrainedModel):
+    """The decoder stack without the head: token ids -> final hidden states (B, T, C)."""
+
+    def __init__(self, config: LlamaConfig, attn_implementation: str | None = None) -> None:
+        super().__init__(config, attn_implementation)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [LlamaDecoderLayer(config, i, self.attention_backend) for i in range(config.num_hidden_layers)]
+        )
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        if type(self) is LlamaModel:
+            self.init_weights()
+            if self.attention_backend.check_available is not None:
+                self.attention_backend.check_available(self._device_or_none())
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        inputs_embeds: Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        cache_position: Tensor | None = None,
+    ) -> LlamaModelOutput:
+        """input_ids (B, T) or inputs_embeds (B, T, C), exactly one.
+
+        attention_mask: (B, S) 1 for real tokens, 0 for padding (left or right), S = cached + T.
+        position_ids: (B, T); default: positions after the cached tokens (for left padding pass
+            ``attention_mask.cumsum(-1) - 1`` as generate() does).
+        past_key_values: a DynamicCache or StaticCache to read and extend; with ``use_cache`` and
+            none given, a DynamicCache is created and returned.
+        cache_position: (T,) slots of the cache the new tokens go to (default: after the cached ones).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if output_attentions and not self.attention_backend.returns_weights:
+            raise ValueError(
+                f"output_attentions=True needs attention weights, which attn_implementation="
+                f"{self.attn_implementation!r} does not compute; use attn_implementation='eager'"
+            )
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)  # (B, T, C)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+
+        batch_size, q_length = inputs_embeds.shape[:2]
+        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if cache_position is None:
+            cache_position = torch.arange(past_seen, past_seen + q_length, device=inputs_embeds.device)
+        if position_ids is None:
+            position_ids = cache_position.unsqueeze(0)  # (1, T)
+
+        if past_key_values is not None:
+            kv_length = past_key_values.kv_length(q_length)
+        else:
+            kv_length = attention_mask.shape[-1] if attention_mask is not None else q_length
+        mask = build_attention_mask(
+            self.attention_backend.mask_format,
+            batch_size=batch_size,
+            q_length=q_length,
+            kv_length=kv_length,
+            q_offset=past_seen,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            has_cache=past_key_values is not None,
+            static_cache=getattr(past_key_values, "is_static", False),
+            dtype=inputs_embeds.dtype,
+            device=inputs_embeds.device,
+        )
+
+        hidden_states = inputs_embeds
+        cos, sin = self.rotary_emb(hidden_states, position_ids)  # (B or 1, T, D)
+        all_hidden_states: list[Tensor] = []
+        all_attentions: list[Tensor] = []
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states.append(hidden_states)
+            if self.gradient_checkpointing and self.training:
+                hidden_states, attn_weights = checkpoint(
+                    layer, hidden_states, cos, sin, mask, past_key_values, cache_position, use_reentrant=False
+                )
+            else:
+                hidden_states, attn_weights = layer(hidden_states, cos, sin, mask, past_key_values, cache_position)
+            if output_attentions:
+                all_attentions.append(attn_weights)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states.append(hidden_states)  # as transformers: the last one is after the norm
+
+        return LlamaModelOutput(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache or past_key_values is not None else None,
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            attentions=tuple(all_attentions) if output_attentions else None,
+        )
+
+
+class LlamaForCausalLM(LlamaPreTrainedModel):
+    """LlamaModel plus the language-model head: token ids -> next-token logits (B, T, V)."""
+
+    def __init__(self, config: LlamaConfig, attn_implementation: str | None = None) -> None:
+        super().__init__(config, attn_implementation)
+        self.model = LlamaModel(config, self.attn_implementation)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.init_weights()
+        if self.attention_backend.check_available is not None:
+            self.attention_backend.check_available(self._device_or_none())
+
+    def tie_weights(self) -> None:
+        """With ``tie_word_embeddings``, lm_head and embed_tokens share one tensor."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        inputs_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | Tensor = 0,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        cache_position: Tensor | None = None,
+    ) -> CausalLMOutput:
+        """Arguments as LlamaModel.forward, plus:
+
+        labels: (B, T) token ids; the loss is the mean cross-entropy of predicting labels[:, t + 1]
+            from position t, positions labelled -100 ignored (shifted here, as transformers does).
+        logits_to_keep: int n -> logits for the last n positions only (0: all); a 1-D tensor of
+            positions; a 2-D integer (B, K) tensor of positions per row.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            cache_position=cache_position,
+        )
+        hidden_states = _keep_positions(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)  # (B, T', V)
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels)
+        return CausalLMOutput(
+            logits=logits,
+            loss=loss,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+def _keep_positions(hidden_states: Tensor, logits_to_keep: int | Tensor) -> Tensor:
+    """(B, T, C) -> (B, T', C): the positions whose logits are wanted."""
+    if isinstance(logits_to_keep, Tensor) and logits_to_keep.ndim == 2:
+        return torch.take_along_dim(hidden_states, logits_to_keep[..., None], dim=1)
+    if isinstance(logits_to_keep, int):
+        if logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep={logits_to_keep}; expected an int >= 0 (0 keeps all) or a tensor")
+        logits_to_keep = slice(-logits_to_keep, None)
+    return hidden_states[:, logits_to_keep, :]
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Mean cross-entropy of logits (B, T, V) at t against labels (B, T) at t + 1, in float32."""
+    logits = logits.float()  # parity: the loss in float32 whatever the model dtype
+    labels = F.pad(labels, (0, 1), value=ignore_index)
+    shift_labels = labels[..., 1:].contiguous().view(-1).to(logits.device)  # (B * T,)
+    return F.cross_entropy(logits.view(-1, logits.shape[-1]), shift_labels, ignore_index=ignore_index)
+
+
+__all__ = [
+    "CausalLMOutput",
+    "LlamaAttention",
+    "LlamaDecoderLayer",
+    "LlamaForCausalLM",
+    "LlamaMLP",
+    "LlamaModel",
+    "LlamaModelOutput",
+    "LlamaPreTrainedModel",
+    "LlamaRMSNorm",
+    "LlamaRotaryEmbedding",
+]

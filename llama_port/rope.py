@@ -1,0 +1,165 @@
+"""Rotary position embedding (RoPE, Su et al. 2021): inverse frequencies per rope type, and their use.
+
+Each ``*_inv_freq`` function maps a config to ``(inv_freq (D/2,) float32, attention_scaling)``,
+where ``attention_scaling`` multiplies cos and sin (only yarn and longrope use it). They repeat the
+arithmetic of transformers' ``modeling_rope_utils`` operation for operation, so the frequencies are
+bit-identical; ``seq_len`` matters to dynamic (NTK) and longrope only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .configuration import LlamaConfig
+
+RopeInit = Callable[..., tuple[Tensor, float]]
+
+
+def _base_and_dim(config: LlamaConfig) -> tuple[float, int]:
+    return config.rope_parameters["rope_theta"], config.head_dim
+
+
+def _exponents(dim: int, device: torch.device | None) -> Tensor:
+    """(D/2,) float32: 0, 2, 4, ... divided by dim; the exponent of theta per frequency."""
+    return torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim
+
+
+def default_inv_freq(config: LlamaConfig, device: torch.device | None = None, seq_len: int | None = None):
+    """Original RoPE: inv_freq[i] = theta ** (-2i / D)."""
+    base, dim = _base_and_dim(config)
+    return 1.0 / (base ** _exponents(dim, device)), 1.0
+
+
+def linear_inv_freq(config: LlamaConfig, device: torch.device | None = None, seq_len: int | None = None):
+    """Position interpolation (kaiokendev): every frequency divided by ``factor``."""
+    base, dim = _base_and_dim(config)
+    inv_freq = 1.0 / (base ** _exponents(dim, device))
+    inv_freq /= config.rope_parameters["factor"]
+    return inv_freq, 1.0
+
+
+def dynamic_inv_freq(config: LlamaConfig, device: torch.device | None = None, seq_len: int | Tensor | None = None):
+    """Dynamic NTK scaling: theta grows with the sequence once it passes max_position_embeddings."""
+    base, dim = _base_and_dim(config)
+    factor = config.rope_parameters["factor"]
+    max_pos = config.max_position_embeddings
+    if seq_len is None:
+        seq_len = max_pos
+    elif isinstance(seq_len, Tensor):
+        seq_len = torch.maximum(seq_len, torch.tensor(max_pos, dtype=seq_len.dtype, device=seq_len.device))
+    else:
+        seq_len = max(seq_len, max_pos)
+    base = base * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+    return 1.0 / (base ** _exponents(dim, device)), 1.0
+
+
+def yarn_inv_freq(config: LlamaConfig, device: torch.device | None = None, seq_len: int | None = None):
+    """YaRN (Peng et al. 2023): interpolate low frequencies, keep high ones, blend by a linear ramp."""
+    params = config.rope_parameters
+    base, dim = _base_and_dim(config)
+    factor = params["factor"]
+    attention_factor = params.get("attention_factor")
+    mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+    original_max = params["original_max_position_embeddings"]
+
+    def get_mscale(scale: float, m: float = 1) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if attention_factor is None:
+        if mscale and mscale_all_dim:
+            attention_factor = float(get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim))
+        else:
+            attention_factor = get_mscale(factor)
+    beta_fast = params.get("beta_fast") or 32
+    beta_slow = params.get("beta_slow") or 1
+
+    def correction_dim(num_rotations: float) -> float:
+        # The dimension whose wavelength makes num_rotations turns over the original context.
+        return (dim * math.log(original_max / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+
+    pos_freqs = base ** (torch.arange(0, dim, 2).to(device=device, dtype=torch.float) / dim)
+    inv_freq_extrapolation = 1.0 / pos_freqs
+    inv_freq_interpolation = 1.0 / (factor * pos_freqs)
+    extrapolation_weight = 1 - ramp.to(device=device, dtype=torch.float)
+    inv_freq = inv_freq_interpolation * (1 - extrapolation_weight) + inv_freq_extrapolation * extrapolation_weight
+    return inv_freq, attention_factor
+
+
+def longrope_inv_freq(config: LlamaConfig, device: torch.device | None = None, seq_len: int | None = None):
+    """LongRoPE (Ding et al. 2024): per-frequency factors, the long set past the original context."""
+    params = config.rope_parameters
+    base, dim = _base_and_dim(config)
+    original_max = params["original_max_position_embeddings"]
+    factor = params.get("factor")
+    attention_factor = params.get("attention_factor")
+    if factor is None:
+        factor = config.max_position_embeddings / original_max
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original_max))
+    key = "long_factor" if seq_len and seq_len > original_max else "short_factor"
+    ext_factors = torch.tensor(params[key], dtype=torch.float32, device=device)
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    return 1.0 / (ext_factors * base**exponents), attention_factor
+
+
+def llama3_inv_freq(config: LlamaConfig, device: torch.device | None = None, seq_len: int | None = None):
+    """Llama 3.1's scaling: low frequencies / factor, high ones kept, a smooth blend in between."""
+    params = config.rope_parameters
+    inv_freq, _ = default_inv_freq(config, device)
+    factor = params["factor"]  # 8 for Llama 3.1, 32 for Llama 3.2
+    low_freq_factor, high_freq_factor = params["low_freq_factor"], params["high_freq_factor"]
+    old_context_len = params["original_max_position_embeddings"]
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+
+    wavelen = 2 * math.pi / inv_freq
+    inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth_factor = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed_inv_freq = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
+    is_medium_freq = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium_freq, smoothed_inv_freq, inv_freq_llama), 1.0
+
+
+ROPE_INIT_FUNCTIONS: dict[str, RopeInit] = {
+    "default": default_inv_freq,
+    "linear": linear_inv_freq,
+    "dynamic": dynamic_inv_freq,
+    "yarn": yarn_inv_freq,
+    "longrope": longrope_inv_freq,
+    "llama3": llama3_inv_freq,
+}
+
+
+def compute_inv_freq(
+    config: LlamaConfig, device: torch.device | None = None, seq_len: int | Tensor | None = None
+) -> tuple[Tensor, float]:
+    """``(inv_freq (head_dim/2,) float32, attention_scaling)`` for ``config.rope_parameters``."""
+    return ROPE_INIT_FUNCTIONS[config.rope_parameters["rope_type"]](config, device, seq_len)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """(x1, x2) -> (-x2, x1) on the last dim: the half-split layout transformers' checkpoints use."""
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotate q (B, Hq, T, D) and k (B, Hkv, T, D) by cos/sin (B, T, D), broadcast over heads."""
+    cos = cos.unsqueeze(1)  # (B, 1, T, D)
+    sin = sin.unsqueeze(1)
+    q_embed = (q * cos) + (rotate_half(q) * sin)
+    k_embed = (k * cos) + (rotate_half(k) * sin)
+    return q_embed, k_embed
