@@ -17,7 +17,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionBackend, build_attention_mask, get_backend
 from .cache import DynamicCache, KVCache
+from .checkpoints import CheckpointMixin
 from .configuration import LlamaConfig
+from .generation import GenerationMixin
 from .rope import apply_rotary_pos_emb, compute_inv_freq
 
 DEFAULT_ATTN_IMPLEMENTATION = "sdpa"
@@ -229,9 +231,10 @@ class LlamaDecoderLayer(nn.Module):
         return hidden_states, attn_weights
 
 
-class LlamaPreTrainedModel(nn.Module):
+class LlamaPreTrainedModel(CheckpointMixin, nn.Module):
     """What LlamaModel and LlamaForCausalLM share: the config, the attention backend, weight
-    initialisation as transformers does it, gradient checkpointing, parameter counts."""
+    initialisation as transformers does it, gradient checkpointing, parameter counts, and
+    ``from_pretrained`` / ``save_pretrained`` (from llama_port.checkpoints)."""
 
     config: LlamaConfig
 
@@ -430,8 +433,10 @@ class LlamaModel(LlamaPreTrainedModel):
         )
 
 
-class LlamaForCausalLM(LlamaPreTrainedModel):
-    """LlamaModel plus the language-model head: token ids -> next-token logits (B, T, V)."""
+class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
+    """LlamaModel plus the language-model head: token ids -> next-token logits (B, T, V).
+
+    ``generate()`` comes from llama_port.generation."""
 
     def __init__(self, config: LlamaConfig, attn_implementation: str | None = None) -> None:
         super().__init__(config, attn_implementation)
