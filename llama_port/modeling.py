@@ -102,12 +102,13 @@ class LlamaRotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def _update_frequencies(self, position_ids: Tensor) -> None:
-        seq_len = int(position_ids.max()) + 1
+        # parity: a tensor, as in transformers, so dynamic NTK computes its base in float32 too.
+        seq_len = torch.max(position_ids) + 1
         device = self.inv_freq.device
         if self.rope_type == "dynamic":
             if seq_len > self.max_seq_len_cached:  # growth
                 self.inv_freq, self.attention_scaling = compute_inv_freq(self.config, device, seq_len)
-                self.max_seq_len_cached = seq_len
+                self.max_seq_len_cached = int(seq_len)
             if seq_len < self.original_max_seq_len < self.max_seq_len_cached:  # back to the trained range
                 self.inv_freq = self.original_inv_freq
                 self.max_seq_len_cached = self.original_max_seq_len
@@ -378,6 +379,11 @@ class LlamaModel(LlamaPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, C)
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            # Recomputing a layer in the backward pass would append its keys to the cache again.
+            if past_key_values is not None:
+                raise ValueError("past_key_values cannot be used with gradient checkpointing in training mode")
+            use_cache = False
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
 
