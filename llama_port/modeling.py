@@ -15,14 +15,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import AttentionBackend, build_attention_mask, get_backend
+from .attention import AttentionBackend, build_attention_mask, default_attn_implementation, get_backend
 from .cache import DynamicCache, KVCache
 from .checkpoints import CheckpointMixin
 from .configuration import LlamaConfig
 from .generation import GenerationMixin
 from .rope import apply_rotary_pos_emb, compute_inv_freq
-
-DEFAULT_ATTN_IMPLEMENTATION = "sdpa"
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -244,8 +242,11 @@ class LlamaPreTrainedModel(CheckpointMixin, nn.Module):
         if not isinstance(config, LlamaConfig):
             raise TypeError(f"config must be a llama_port.LlamaConfig, got {type(config).__name__}")
         self.config = config
-        self.attn_implementation = attn_implementation or DEFAULT_ATTN_IMPLEMENTATION
-        self.attention_backend = get_backend(self.attn_implementation)
+        if attn_implementation is None:
+            # Chosen from where the parameters are about to be created (torch's default device/dtype).
+            attn_implementation = default_attn_implementation(torch.get_default_device(), torch.get_default_dtype())
+        self.attn_implementation = attn_implementation
+        self.attention_backend = get_backend(attn_implementation)
 
     # -------------------------------------------------------------------------- attention backend
     def set_attn_implementation(self, name: str) -> None:

@@ -11,6 +11,7 @@ depends on the backend's ``mask_format`` (see ``masks.py``); the model builds it
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,8 +19,16 @@ import torch
 from torch import Tensor, nn
 
 from .eager import eager_attention_forward
+from .flash import (
+    check_flash_attention_2_available,
+    flash_attention_2_forward,
+    flash_attn_is_usable,
+    flash_reference_forward,
+)
 from .masks import VarlenMask, build_attention_mask
 from .sdpa import sdpa_attention_forward
+
+logger = logging.getLogger("llama_port")
 
 AttentionFn = Callable[[nn.Module, Tensor, Tensor, Tensor, object, float, float], tuple[Tensor, Tensor | None]]
 
@@ -58,12 +67,31 @@ def get_backend(name: str) -> AttentionBackend:
 
 register_backend(AttentionBackend("eager", eager_attention_forward, "additive", returns_weights=True))
 register_backend(AttentionBackend("sdpa", sdpa_attention_forward, "bool"))
+register_backend(
+    AttentionBackend("flash_attention_2", flash_attention_2_forward, "varlen", check_flash_attention_2_available)
+)
+register_backend(AttentionBackend("flash_reference", flash_reference_forward, "varlen"))
+
+_announced: set[str] = set()
+
+
+def default_attn_implementation(device: torch.device | None, dtype: torch.dtype | None) -> str:
+    """The backend used when none is asked for: flash_attention_2 when flash_attn imports, the model
+    is on CUDA and in fp16/bf16; sdpa otherwise. Says its choice once per process in the log."""
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    half = dtype in (torch.float16, torch.bfloat16)
+    name = "flash_attention_2" if on_cuda and half and flash_attn_is_usable() else "sdpa"
+    if name not in _announced:
+        _announced.add(name)
+        logger.info("llama_port: attention backend %s (device=%s, dtype=%s)", name, device, dtype)
+    return name
 
 __all__ = [
     "AttentionBackend",
     "BACKENDS",
     "VarlenMask",
     "build_attention_mask",
+    "default_attn_implementation",
     "get_backend",
     "register_backend",
 ]

@@ -27,7 +27,9 @@ class VarlenMask:
 
     key_padding_mask: (B, S) bool, True for a real key; S is the length of the keys the backend is
         given (cached + new, and for a static cache its whole preallocated length, unused slots
-        False). The queries are the last T real keys of each row. ``None``: every key is real.
+        False). Each row's T queries are the T key columns ending at its last real key (so a
+        left-padded prompt's pad queries sit on padded columns and get zero output). ``None``:
+        every key is real.
     packed_cu_seqlens: (N + 1,) int32 offsets of N documents packed into the flattened (B * T)
         queries, from position_ids that restart at 0 or given by the caller; only without a cache.
         ``None``: one document per row.
