@@ -271,3 +271,17 @@ def test_model_code_imports_torch_only():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bare_llama_model_loads_transformers_llama_model():
+    import transformers
+
+    hf = make_hf_model(tiny_config_dict(), attn_implementation="sdpa").model  # transformers' LlamaModel
+    ours = llama_port.LlamaModel(llama_port.LlamaConfig(**tiny_config_dict()), attn_implementation="sdpa").eval()
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    assert isinstance(hf, transformers.LlamaModel)
+    ids, mask, _, real = _inputs("left")
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask).last_hidden_state
+        out = ours(ids, attention_mask=mask).last_hidden_state
+    assert report_max_diff("LlamaModel", (out - ref)[real].abs().max().item()) <= ATOL
