@@ -1,0 +1,352 @@
+"""Meta's original LLaMA format: ``params.json`` + ``consolidated.NN.pth``, one file per model-parallel rank.
+
+Found as Meta distributes it (a folder with params.json) or as Meta's Hub repos ship it, inside
+``original/``; either the folder or its parent is accepted. Reading turns Meta's names and layouts
+into transformers' (see names.py): shards are concatenated along each tensor's split dimension, and
+wq/wk rows reordered from Meta's interleaved rotary layout to transformers' half-split one.
+
+params.json has no context length, token ids or FFN size; they are derived as documented in
+``meta_ffn_hidden_dim``, ``meta_context_length`` and ``_special_token_ids``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..configuration import LlamaConfig
+from .errors import CheckpointNotFoundError, CorruptCheckpointError, ShapeMismatchError
+from .names import HF_FROM_META, META_IGNORED, META_SHARD_DIM, map_name, permute_for_rope, template_of
+from .source import CheckpointSource
+
+PARAMS_NAME = "params.json"
+SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.pth\Z")
+ORIGINAL_SUBFOLDER = "original"
+
+# Llama 3.1's rope scaling, as Meta's reference apply_scaling() hard-codes it.
+LLAMA3_ROPE_DEFAULTS = {
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+LLAMA3_ROPE_THETA = 500_000.0
+LLAMA3_MIN_VOCAB = 128_000  # Llama 3's tiktoken vocabulary (128256); Llama 1/2 and Code Llama have 32000/32016
+
+# Files next to an ``original/`` folder that a converted checkpoint should carry along.
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+
+
+def find_meta_folder(path: str | Path) -> Path | None:
+    """The folder holding params.json for ``path`` (that folder, its ``original/``, or a file in it); else None."""
+    path = Path(path)
+    if path.is_file():
+        path = path.parent
+    for candidate in (path, path / ORIGINAL_SUBFOLDER):
+        if (candidate / PARAMS_NAME).is_file():
+            return candidate
+    return None
+
+
+def is_meta_checkpoint(path: str | Path) -> bool:
+    """True when ``path`` holds (or its ``original/`` holds) params.json and consolidated.*.pth."""
+    folder = find_meta_folder(path)
+    return folder is not None and any(SHARD_PATTERN.match(p.name) for p in folder.iterdir())
+
+
+def read_meta_checkpoint(folder: str | Path) -> CheckpointSource:
+    """Describe the Meta checkpoint in ``folder`` (or ``folder/original``) in transformers' terms.
+
+    iter_groups() yields the embeddings/final norm/head first, then one dict per decoder layer, each
+    merged across all model-parallel files; the files are memory-mapped, so peak memory is about
+    one layer. Raises CheckpointNotFoundError without params.json or .pth files,
+    CorruptCheckpointError for unreadable files or missing tensors, ShapeMismatchError when
+    params.json and the tensors disagree.
+    """
+    folder = Path(folder)
+    root = find_meta_folder(folder)
+    if root is None:
+        raise CheckpointNotFoundError(
+            f"{folder}: no {PARAMS_NAME} here or in {folder / ORIGINAL_SUBFOLDER}; a Meta checkpoint is "
+            f"{PARAMS_NAME} + consolidated.00.pth (+ consolidated.01.pth ... for model-parallel shards)"
+        )
+    params = _read_params(root / PARAMS_NAME)
+    files = _shard_files(root)
+    shards = _open_shards(files)
+    for name in shards[0]:
+        if name not in META_IGNORED:
+            map_name(name, HF_FROM_META, source=str(files[0]))  # unknown tensors fail here, not mid-load
+
+    dtype = _tensor(shards[0], "tok_embeddings.weight", files[0]).dtype  # bfloat16 for every Meta release
+    config = _config_from_params(params, shards, root, dtype)
+    del shards  # iter_groups opens its own maps, so the source can be iterated more than once
+
+    def iter_groups() -> Iterator[dict[str, Tensor]]:
+        open_shards = _open_shards(files)
+        yield _merge_group(open_shards, _non_layer_names(), config, files)
+        for i in range(config.num_hidden_layers):
+            yield _merge_group(open_shards, _layer_names(i), config, files)
+
+    return CheckpointSource(
+        format="meta",
+        root=root,
+        config=config,
+        iter_groups=iter_groups,
+        num_groups=config.num_hidden_layers + 1,
+        dtype=dtype,
+        files=[root / PARAMS_NAME, *files],
+        tokenizer_files=_tokenizer_files(root),
+        # With several ranks every tensor comes from all files, so only a single file is named.
+        tensor_files={map_name(n, HF_FROM_META): files[0] for n in _all_names(config)} if len(files) == 1 else {},
+        owns_tensors=False,  # single-rank tensors that need no permutation are views of the memory map
+    )
+
+
+# ------------------------------------------------------------------------------------------ config
+def meta_ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """The SwiGLU hidden size Meta's FeedForward derives from params.json.
+
+    2/3 of 4 * dim (SwiGLU's three matrices then cost what a 4 * dim two-matrix MLP does), scaled
+    by ffn_dim_multiplier when given, rounded up to a multiple of multiple_of:
+    dim 4096, multiple_of 256 -> 11008 (Llama 2 7B); dim 4096, 1024, 1.3 -> 14336 (Llama 3 8B).
+    """
+    hidden = int(2 * 4 * dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def meta_context_length(params: dict[str, Any], vocab_size: int) -> int:
+    """max_position_embeddings for a params.json, which does not record it (it is a runtime argument
+    of Meta's code). The heuristic, the same split transformers' converter makes by llama_version:
+
+    ==============================================  ========  ==========================
+    params.json                                     context   models
+    ==============================================  ========  ==========================
+    "max_seq_len" given                             as given  some re-exports
+    "use_scaled_rope": true                         131072    Llama 3.1, 3.2
+    rope_theta 500000, or vocab >= 128000           8192      Llama 3
+    any other rope_theta > 10000                    16384     Code Llama (theta 1e6)
+    otherwise (rope_theta 10000)                    4096      Llama 2 (Llama 1 had 2048)
+    ==============================================  ========  ==========================
+    """
+    theta = float(params.get("rope_theta", 10000.0))
+    if params.get("max_seq_len"):
+        return int(params["max_seq_len"])
+    if params.get("use_scaled_rope"):
+        return 131072
+    if theta == LLAMA3_ROPE_THETA or vocab_size >= LLAMA3_MIN_VOCAB:
+        return 8192
+    if theta > 10000.0:
+        return 16384
+    return 4096
+
+
+def _rope_parameters(params: dict[str, Any]) -> dict[str, Any]:
+    theta = float(params.get("rope_theta", 10000.0))
+    if not params.get("use_scaled_rope"):
+        return {"rope_type": "default", "rope_theta": theta}
+    # Llama 3.1 scales by 8; Llama 3.2's params.json may name its factor (32).
+    factor = params.get("rope_scaling_factor") or LLAMA3_ROPE_DEFAULTS["factor"]
+    return {**LLAMA3_ROPE_DEFAULTS, "rope_type": "llama3", "rope_theta": theta, "factor": float(factor)}
+
+
+def _special_token_ids(root: Path, vocab_size: int) -> dict[str, Any]:
+    """bos/eos ids, which params.json lacks: the Hub's config.json beside ``original/`` when there is
+    one; else Llama 3's ids for a tiktoken-sized vocabulary, Llama 1/2's (1, 2) otherwise."""
+    hub_config = root.parent / "config.json"
+    if root.name == ORIGINAL_SUBFOLDER and hub_config.is_file():
+        try:
+            hub = json.loads(hub_config.read_text())
+            return {"bos_token_id": hub.get("bos_token_id"), "eos_token_id": hub.get("eos_token_id")}
+        except (OSError, json.JSONDecodeError):
+            pass  # a broken sibling config.json is not this reader's business; fall back below
+    if vocab_size >= LLAMA3_MIN_VOCAB:
+        return {"bos_token_id": 128000, "eos_token_id": 128001}
+    return {"bos_token_id": 1, "eos_token_id": 2}
+
+
+def _config_from_params(
+    params: dict[str, Any], shards: list[dict[str, Tensor]], root: Path, dtype: torch.dtype
+) -> LlamaConfig:
+    path = root / PARAMS_NAME
+    missing = [key for key in ("dim", "n_layers", "n_heads", "norm_eps") if key not in params]
+    if missing:
+        raise CorruptCheckpointError(
+            f"{path}: missing {missing}; Meta's params.json has dim, n_layers, n_heads, norm_eps"
+        )
+    dim, n_heads = int(params["dim"]), int(params["n_heads"])
+    n_kv_heads = int(params.get("n_kv_heads") or n_heads)
+
+    # The vocabulary from the head, which every Llama version splits along dim 0
+    # (params.json often says vocab_size -1: the tokenizer decided it at run time).
+    vocab_size = sum(_tensor(s, "output.weight", path).shape[0] for s in shards)
+    if int(params.get("vocab_size", -1)) > 0 and int(params["vocab_size"]) != vocab_size:
+        raise ShapeMismatchError(f"{path}: vocab_size {params['vocab_size']} but output.weight has {vocab_size} rows")
+
+    intermediate = meta_ffn_hidden_dim(dim, int(params.get("multiple_of", 256)), params.get("ffn_dim_multiplier"))
+    stored = sum(_tensor(s, "layers.0.feed_forward.w1.weight", path).shape[0] for s in shards)
+    if stored != intermediate:
+        raise ShapeMismatchError(
+            f"{path}: dim {dim}, multiple_of {params.get('multiple_of', 256)}, ffn_dim_multiplier "
+            f"{params.get('ffn_dim_multiplier')} give an FFN size of {intermediate}, "
+            f"but feed_forward.w1 has {stored} rows"
+        )
+
+    n_layers = int(params["n_layers"])
+    stored_layers = 1 + max((int(m.group(1)) for n in shards[0] if (m := re.match(r"layers\.(\d+)\.", n))), default=-1)
+    if stored_layers != n_layers:
+        raise ShapeMismatchError(f"{path}: n_layers is {n_layers} but the .pth files hold {stored_layers} layers")
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=dim,
+        intermediate_size=intermediate,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads,
+        max_position_embeddings=meta_context_length(params, vocab_size),
+        rms_norm_eps=float(params["norm_eps"]),
+        rope_parameters=_rope_parameters(params),
+        tie_word_embeddings=False,  # Meta's LLaMA always has its own output.weight
+        dtype=str(dtype).removeprefix("torch."),
+        **_special_token_ids(root, vocab_size),
+    )
+
+
+# ------------------------------------------------------------------------------------------- files
+def _read_params(path: Path) -> dict[str, Any]:
+    try:
+        params = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CorruptCheckpointError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(params, dict):
+        raise CorruptCheckpointError(f"{path}: expected a JSON object, got {type(params).__name__}")
+    return params.get("model", params)  # some exports nest the model's params under "model"
+
+
+def _shard_files(root: Path) -> list[Path]:
+    """consolidated.00.pth ... consolidated.NN.pth in rank order; all ranks must be there."""
+    numbered = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := SHARD_PATTERN.match(p.name)))
+    if not numbered:
+        raise CheckpointNotFoundError(f"{root}: {PARAMS_NAME} but no consolidated.NN.pth weight files")
+    ranks = [rank for rank, _ in numbered]
+    if ranks != list(range(len(ranks))):
+        raise CorruptCheckpointError(f"{root}: model-parallel files for ranks {ranks}; expected 0..{len(ranks) - 1}")
+    return [path for _, path in numbered]
+
+
+def _open_shards(files: list[Path]) -> list[dict[str, Tensor]]:
+    """Each file's state dict, memory-mapped (nothing is read until a tensor is used)."""
+    shards = []
+    for path in files:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise CorruptCheckpointError(f"{path}: cannot be read by torch.load ({err})") from err
+            # Files from torch's legacy (pre-1.6, non-zip) serialisation cannot be mapped.
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle/zip errors come in many types
+            raise CorruptCheckpointError(f"{path}: cannot be read by torch.load ({type(err).__name__}: {err})") from err
+        if not isinstance(state, dict):
+            raise CorruptCheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict")
+        shards.append(state)
+    return shards
+
+
+def _tensor(shard: dict[str, Tensor], name: str, path: Path) -> Tensor:
+    if name not in shard:
+        raise CorruptCheckpointError(f"{path}: tensor {name!r} is missing from the consolidated.*.pth files")
+    return shard[name]
+
+
+def _tokenizer_files(root: Path) -> list[Path]:
+    """The Hub's tokenizer files beside an ``original/`` folder; else Meta's tokenizer.model when it
+    is a SentencePiece model (Llama 1/2), which transformers reads. Llama 3's tokenizer.model is a
+    tiktoken table that transformers' LlamaTokenizer cannot read, so it is not offered."""
+    if root.name == ORIGINAL_SUBFOLDER and (root.parent / "tokenizer.json").is_file():
+        return [root.parent / name for name in HF_TOKENIZER_FILES if (root.parent / name).is_file()]
+    model = root / "tokenizer.model"
+    if model.is_file() and not _is_tiktoken_file(model):
+        return [model]
+    return []
+
+
+def _is_tiktoken_file(path: Path) -> bool:
+    # tiktoken: text lines "<base64 token> <rank>"; SentencePiece: a binary protobuf.
+    with path.open("rb") as f:
+        head = f.read(256).split(b"\n", 1)[0]
+    return re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+", head) is not None
+
+
+# ------------------------------------------------------------------------------------------ merging
+def _non_layer_names() -> list[str]:
+    return [name for name in HF_FROM_META if "{i}" not in name]
+
+
+def _layer_names(i: int) -> list[str]:
+    return [name.format(i=i) for name in HF_FROM_META if "{i}" in name]
+
+
+def _all_names(config: LlamaConfig) -> list[str]:
+    return _non_layer_names() + [name for i in range(config.num_hidden_layers) for name in _layer_names(i)]
+
+
+def _merge_group(
+    shards: list[dict[str, Tensor]], names: list[str], config: LlamaConfig, files: list[Path]
+) -> dict[str, Tensor]:
+    """{transformers name: tensor} for Meta ``names``, each merged across ranks and re-laid-out."""
+    group = {}
+    for name in names:
+        pieces = [_tensor(shard, name, path) for shard, path in zip(shards, files)]
+        tensor = _merge_shards(name, pieces, config, files[0])
+        hf_name = map_name(name, HF_FROM_META, source=str(files[0]))
+        group[hf_name] = _to_transformers_layout(name, tensor, config, files[0])
+    return group
+
+
+def _merge_shards(name: str, pieces: list[Tensor], config: LlamaConfig, path: Path) -> Tensor:
+    """One tensor from its model-parallel pieces (see names.META_SHARD_DIM)."""
+    split_dim = META_SHARD_DIM[template_of(name, HF_FROM_META)]
+    if len(pieces) == 1 or split_dim is None:
+        return pieces[0]  # replicated on every rank
+    if name == "tok_embeddings.weight":
+        # Llama 3's VocabParallelEmbedding keeps all `dim` columns and splits the vocabulary.
+        split_dim = 0 if pieces[0].shape[1] == config.hidden_size else 1
+    shapes = {tuple(p.shape[d] for d in range(p.ndim) if d != split_dim) for p in pieces}
+    if len(shapes) != 1:
+        raise ShapeMismatchError(
+            f"{path}: the model-parallel pieces of {name} disagree off the split dim: {sorted(shapes)}"
+        )
+    return torch.cat(pieces, dim=split_dim)
+
+
+def _to_transformers_layout(name: str, tensor: Tensor, config: LlamaConfig, path: Path) -> Tensor:
+    """Reorder wq/wk rows from Meta's interleaved rotary pairs to transformers' half-split heads."""
+    if name.endswith("attention.wq.weight"):
+        heads = config.num_attention_heads
+    elif name.endswith("attention.wk.weight"):
+        heads = config.num_key_value_heads  # under GQA each key head is permuted on its own
+    else:
+        return tensor
+    if tensor.shape[0] != heads * config.head_dim:
+        raise ShapeMismatchError(
+            f"{path}: {name} has {tensor.shape[0]} rows; expected {heads} heads x head_dim {config.head_dim}"
+        )
+    return permute_for_rope(tensor, heads)
+
+
+__all__ = [
+    "find_meta_folder",
+    "is_meta_checkpoint",
+    "meta_context_length",
+    "meta_ffn_hidden_dim",
+    "read_meta_checkpoint",
+]
