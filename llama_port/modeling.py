@@ -15,7 +15,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import AttentionBackend, build_attention_mask, default_attn_implementation, get_backend
+from .attention import (
+    AttentionBackend,
+    VarlenMask,
+    build_attention_mask,
+    default_attn_implementation,
+    get_backend,
+)
 from .cache import DynamicCache, KVCache
 from .checkpoints import CheckpointMixin
 from .configuration import LlamaConfig
@@ -97,6 +103,14 @@ class LlamaRotaryEmbedding(nn.Module):
         self.inv_freq = inv_freq
         self.original_inv_freq = inv_freq.clone()
         self.max_seq_len_cached = self.original_max_seq_len
+
+    def _apply(self, fn, recurse: bool = True):
+        # model.to(torch.bfloat16) casts every floating buffer; the frequencies must stay float32
+        # (as transformers' from_pretrained(dtype=bf16) keeps them), so recompute them exactly.
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32 and self.inv_freq.device.type != "meta":
+            self.reset_parameters()
+        return self
 
     @torch.no_grad()
     def _update_frequencies(self, position_ids: Tensor) -> None:
@@ -363,7 +377,9 @@ class LlamaModel(LlamaPreTrainedModel):
     ) -> LlamaModelOutput:
         """input_ids (B, T) or inputs_embeds (B, T, C), exactly one.
 
-        attention_mask: (B, S) 1 for real tokens, 0 for padding (left or right), S = cached + T.
+        attention_mask: (B, S) 1 for real tokens, 0 for padding (left or right), S = cached + T; or
+            a mask already in the backend's ``mask_format`` (a (B, 1, T, S) tensor, or a VarlenMask),
+            used as given (generate()'s decode step passes one with ``cache_position``).
         position_ids: (B, T); default: positions after the cached tokens (for left padding pass
             ``attention_mask.cumsum(-1) - 1`` as generate() does).
         past_key_values: a DynamicCache or StaticCache to read and extend; with ``use_cache`` and
@@ -389,7 +405,15 @@ class LlamaModel(LlamaPreTrainedModel):
             past_key_values = DynamicCache()
 
         batch_size, q_length = inputs_embeds.shape[:2]
-        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        # A mask already in the backend's mask_format (4-D, or a VarlenMask) comes from a caller that
+        # keeps it up to date (generate()'s decode step). With cache_position given too, the cache's
+        # host bookkeeping is not read, so a compiled decode step does not specialise on each position.
+        prepared_mask = isinstance(attention_mask, VarlenMask) or (
+            attention_mask is not None and attention_mask.ndim == 4
+        )
+        past_seen = 0
+        if past_key_values is not None and not (prepared_mask and cache_position is not None):
+            past_seen = past_key_values.get_seq_length()
         if cache_position is None:
             cache_position = torch.arange(past_seen, past_seen + q_length, device=inputs_embeds.device)
         if position_ids is None:
@@ -399,7 +423,7 @@ class LlamaModel(LlamaPreTrainedModel):
             kv_length = past_key_values.kv_length(q_length)
         else:
             kv_length = attention_mask.shape[-1] if attention_mask is not None else q_length
-        mask = build_attention_mask(
+        mask = attention_mask if prepared_mask else build_attention_mask(
             self.attention_backend.mask_format,
             batch_size=batch_size,
             q_length=q_length,

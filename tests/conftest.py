@@ -50,7 +50,13 @@ def make_hf_model(config_dict: dict, attn_implementation: str = "eager", seed: i
                 param.copy_(0.1 * torch.randn_like(param))
             else:
                 param.copy_(0.1 * torch.randn_like(param))
-    return model.to(dtype).eval()
+    # As transformers' from_pretrained(dtype=...) leaves them (and unlike a plain .to(dtype)), the
+    # rotary frequencies stay float32.
+    rotary = model.model.rotary_emb
+    inv_freq, original_inv_freq = rotary.inv_freq.clone(), rotary.original_inv_freq.clone()
+    model = model.to(dtype).eval()
+    rotary.inv_freq, rotary.original_inv_freq = inv_freq, original_inv_freq
+    return model
 
 
 def make_port_model(hf_model, attn_implementation: str = "eager", dtype=torch.float32):

@@ -285,3 +285,12 @@ def test_bare_llama_model_loads_transformers_llama_model():
         ref = hf(ids, attention_mask=mask).last_hidden_state
         out = ours(ids, attention_mask=mask).last_hidden_state
     assert report_max_diff("LlamaModel", (out - ref)[real].abs().max().item()) <= ATOL
+
+
+def test_rotary_frequencies_stay_float32_after_casting_the_model():
+    model = llama_port.LlamaForCausalLM(llama_port.LlamaConfig(**tiny_config_dict()))
+    expected = model.model.rotary_emb.inv_freq.clone()
+    model.to(torch.bfloat16)
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(model.model.rotary_emb.inv_freq, expected)
+    assert model.lm_head.weight.dtype == torch.bfloat16
