@@ -27,6 +27,11 @@ class CheckpointSource:
     num_groups: how many dicts iter_groups yields (the progress bar's total).
     dtype: the checkpoint's own floating dtype (what dtype="auto" loads as).
     tokenizer_files: files to copy next to a converted checkpoint (tokenizer.json, ...).
+    tensor_files: transformers name -> the file holding it, where the reader knows (error messages).
+    owns_tensors: True when the loader may keep the yielded tensors as the model's parameters
+        instead of copying them: each is contiguous and referenced nowhere else, either freshly
+        made or a view of a private (copy-on-write) memory map of a file that is only ever replaced,
+        never rewritten in place (safetensors shards: save_pretrained writes a new file and renames).
     """
 
     format: str
@@ -37,3 +42,9 @@ class CheckpointSource:
     dtype: torch.dtype
     files: list[Path] = field(default_factory=list)
     tokenizer_files: list[Path] = field(default_factory=list)
+    tensor_files: dict[str, Path] = field(default_factory=dict)
+    owns_tensors: bool = False
+
+    def file_of(self, name: str) -> Path:
+        """The file holding tensor ``name`` when known, else the checkpoint's root (for messages)."""
+        return self.tensor_files.get(name, self.root)

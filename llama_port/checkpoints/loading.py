@@ -1,0 +1,580 @@
+"""Checkpoint -> model, memory-lean: ``from_pretrained`` and the mixin the models inherit.
+
+The model is built on the meta device (no storage, no random init), then each checkpoint tensor
+is checked against its meta parameter's shape and put in place on its device, converted to the
+target dtype on the way, group by group; a tensor read freshly by its reader (safetensors) is
+adopted as the parameter's storage when no conversion is needed, so a load costs about the
+model's size once. The rotary frequencies (non-persistent buffers, never in a checkpoint) are
+recomputed. Missing or unexpected tensors are reported before the model is returned; an error
+leaves no model behind.
+
+``device_map="auto"`` (and "balanced", "balanced_low_0", "sequential", or a dict) goes through
+accelerate: infer_auto_device_map with decoder layers never split, weights for "disk" written to
+``offload_folder`` as they stream by, then dispatch_model.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from .errors import MissingKeysError, ShapeMismatchError, UnexpectedKeysError, format_keys
+from .source import CheckpointSource
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+ACCELERATE_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+NO_SPLIT_MODULES = ["LlamaDecoderLayer"]
+# Older checkpoints saved the rotary frequencies; they are recomputed from the config instead.
+_IGNORED_KEYS = re.compile(r"(^|\.)rotary_emb\.inv_freq\Z")
+
+DeviceMap = dict[str, "str | int | torch.device"]
+
+
+class CheckpointMixin:
+    """Adds ``from_pretrained`` / ``save_pretrained`` to the models (LlamaModel, LlamaForCausalLM)."""
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike | CheckpointSource,
+        *,
+        dtype: str | torch.dtype | None = "auto",
+        torch_dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        device_map: str | int | torch.device | DeviceMap | None = None,
+        max_memory: dict[str | int, int | str] | None = None,
+        offload_folder: str | os.PathLike | None = None,
+        attn_implementation: str | None = None,
+        strict: bool = True,
+        progress: bool | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+    ):
+        """Load a checkpoint: a local folder or file (Hub format, Meta consolidated.*.pth, .gguf) or a Hub repo id.
+
+        dtype: "auto" (the checkpoint's: config.json's dtype, else the weights') or a floating
+            torch dtype or its name; ``torch_dtype`` is its older name.
+        device: where every weight goes ("cpu", "cuda", ...). device_map: a device, or "auto" /
+            "balanced" / "balanced_low_0" / "sequential" / a {module: device} dict through
+            accelerate, with ``max_memory`` and ``offload_folder`` (needed when weights go to "disk").
+        strict: missing or unexpected tensors raise; False initialises missing ones as a fresh model
+            would and warns about both.
+        progress: a bar over the checkpoint's groups; None shows it on a terminal only.
+        revision, token, cache_dir, local_files_only: for a Hub repo id (HF_HUB_OFFLINE is honoured).
+
+        Returns the model in eval mode. Raises the errors of llama_port.checkpoints.errors.
+        """
+        return load_pretrained(
+            cls,
+            name_or_path,
+            dtype=dtype,
+            torch_dtype=torch_dtype,
+            device=device,
+            device_map=device_map,
+            max_memory=max_memory,
+            offload_folder=offload_folder,
+            attn_implementation=attn_implementation,
+            strict=strict,
+            progress=progress,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+        )
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        max_shard_size: int | str = "5GB",
+        safe_serialization: bool = True,
+    ) -> Path:
+        """Write config.json and the weights (safetensors, sharded past ``max_shard_size``) as
+        transformers does; ``safe_serialization=False`` writes pytorch_model*.bin. Returns the folder."""
+        from .saving import save_pretrained
+
+        return save_pretrained(
+            self, save_directory, max_shard_size=max_shard_size, safe_serialization=safe_serialization
+        )
+
+
+# ---------------------------------------------------------------------------------------- loading
+def load_pretrained(
+    cls: type,
+    name_or_path: str | os.PathLike | CheckpointSource,
+    *,
+    dtype: str | torch.dtype | None = "auto",
+    torch_dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    device_map: str | int | torch.device | DeviceMap | None = None,
+    max_memory: dict[str | int, int | str] | None = None,
+    offload_folder: str | os.PathLike | None = None,
+    attn_implementation: str | None = None,
+    strict: bool = True,
+    progress: bool | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+):
+    """``cls.from_pretrained``: see CheckpointMixin.from_pretrained."""
+    from ..attention import get_backend
+
+    requested_dtype = parse_dtype(dtype, torch_dtype)
+    if device is not None and device_map is not None:
+        raise ValueError(f"pass device= or device_map=, not both (got device={device!r}, device_map={device_map!r})")
+    backend = get_backend(attn_implementation) if attn_implementation is not None else None  # bad names fail first
+
+    if isinstance(name_or_path, CheckpointSource):
+        source = name_or_path
+    else:
+        from .resolve import open_checkpoint
+
+        source = open_checkpoint(
+            name_or_path, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only
+        )
+    target_dtype = requested_dtype or source.dtype
+    if not target_dtype.is_floating_point:
+        target_dtype = torch.float32
+
+    # A backend that checks the device it runs on (flash) is selected once the weights are on it:
+    # on the meta device its check could only fail.
+    build_attn = attn_implementation if backend is None or backend.check_available is None else None
+    model = build_meta_model(cls, source.config, target_dtype, build_attn)
+    placement = plan_placement(model, target_dtype, device, device_map, max_memory, offload_folder)
+
+    params = dict(model.named_parameters())  # the meta parameters, each shared one once
+    aliases = _tied_aliases(model)
+    loaded, unexpected, heads = _load_tensors(model, params, aliases, source, placement, progress)
+    _settle_tied_heads(model, params, aliases, heads, loaded, placement, source)
+    _check_keys(model, params, source, loaded, unexpected, strict, placement)
+    _materialize_buffers(model, placement)
+    model.tie_weights()
+    leftover = [
+        name for name, t in [*model.named_parameters(), *model.named_buffers()]
+        if t.is_meta and placement.device_for(name) != "disk"
+    ]
+    assert not leftover, f"still on the meta device after loading: {leftover}"
+
+    if placement.device_map is not None:
+        _dispatch(model, placement)
+    if attn_implementation is not None and build_attn != attn_implementation:
+        model.set_attn_implementation(attn_implementation)
+    model.config.dtype = str(target_dtype).removeprefix("torch.")
+    return model.eval()
+
+
+def parse_dtype(dtype: str | torch.dtype | None, torch_dtype: str | torch.dtype | None = None) -> torch.dtype | None:
+    """The requested floating dtype, or None for "auto". ``torch_dtype`` is dtype's older name."""
+    if torch_dtype is not None:
+        if dtype not in (None, "auto") and parse_dtype(dtype) != parse_dtype(torch_dtype):
+            raise ValueError(
+                f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass one (torch_dtype is dtype's old name)"
+            )
+        dtype = torch_dtype
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(f"dtype={dtype!r}; expected 'auto', one of {sorted(DTYPES)} or the torch dtype itself")
+
+
+def build_meta_model(cls: type, config: Any, dtype: torch.dtype, attn_implementation: str | None) -> nn.Module:
+    """``cls(config)`` with every parameter on the meta device (shapes and names, no storage, no
+    initialisation); buffers, i.e. the rotary frequencies, are computed on the CPU."""
+    with _ParametersOnMeta():
+        model = cls(config, attn_implementation=attn_implementation)
+    return model.to(dtype)
+
+
+class _ParametersOnMeta(TorchFunctionMode):
+    """Tensor factories called without a device (nn.Linear, nn.Embedding and RMSNorm making their
+    parameters) make meta tensors; random initialisers on meta tensors do nothing.
+
+    Not ``with torch.device("meta")``: that puts the rotary arithmetic on meta tensors too, and the
+    first arithmetic (or ``normal_``) on a meta tensor imports torch._dynamo, 1.3 s and 70 MB,
+    which was most of the cost of loading a 400 MB checkpoint. What transformers'
+    init_empty_weights / no_init_weights do, without patching nn.Module for every thread.
+    """
+
+    FACTORIES = (torch.empty, torch.zeros, torch.ones)
+    INITIALISERS = ("normal_", "uniform_")  # Tensor methods (_init_weights) and nn.init functions alike
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.FACTORIES and kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        elif getattr(func, "__name__", None) in self.INITIALISERS:
+            target = args[0] if args else kwargs.get("tensor")
+            if isinstance(target, Tensor) and target.is_meta:
+                return target
+        return func(*args, **kwargs)
+
+
+# -------------------------------------------------------------------------------------- placement
+@dataclass
+class Placement:
+    """Where each weight goes: ``device``, or per module through an accelerate ``device_map``."""
+
+    device: torch.device
+    device_map: DeviceMap | None = None
+    offload_folder: Path | None = None
+    offload_index: dict[str, dict] = field(default_factory=dict)  # accelerate's, for the "disk" weights
+
+    def device_for(self, name: str) -> torch.device | str:
+        """The device for parameter/buffer ``name``, or "disk"."""
+        if self.device_map is None:
+            return self.device
+        target = lookup_device(self.device_map, name)
+        if target is None:
+            return self.device
+        return "disk" if target == "disk" else _as_device(target)
+
+
+def lookup_device(device_map: DeviceMap, name: str) -> Any:
+    """The entry of the longest module name in ``device_map`` that contains ``name`` ("" is the root)."""
+    best = None
+    for key, value in device_map.items():
+        if key == "" or name == key or name.startswith(key + "."):
+            if best is None or len(key) > len(best[0]):
+                best = (key, value)
+    return None if best is None else best[1]
+
+
+def _as_device(value: str | int | torch.device) -> torch.device:
+    return torch.device(f"cuda:{value}") if isinstance(value, int) else torch.device(value)
+
+
+def plan_placement(
+    model: nn.Module,
+    dtype: torch.dtype,
+    device: str | torch.device | None,
+    device_map: str | int | torch.device | DeviceMap | None,
+    max_memory: dict[str | int, int | str] | None,
+    offload_folder: str | os.PathLike | None,
+) -> Placement:
+    """Turn device / device_map into a Placement; accelerate decides "auto" and friends."""
+    single = device if device is not None else device_map
+    if single is None or isinstance(single, (int, torch.device)) or (
+        isinstance(single, str) and single not in ACCELERATE_DEVICE_MAPS
+    ):
+        target = _as_device(single if single is not None else "cpu")
+        _check_device(target)
+        return Placement(target)
+    if isinstance(device_map, str):
+        from accelerate import infer_auto_device_map
+        from accelerate.utils import get_balanced_memory
+
+        if device_map != "sequential":
+            max_memory = get_balanced_memory(
+                model, max_memory=max_memory, no_split_module_classes=NO_SPLIT_MODULES, dtype=dtype,
+                low_zero=device_map == "balanced_low_0",
+            )
+        device_map = infer_auto_device_map(
+            model, max_memory=max_memory, no_split_module_classes=NO_SPLIT_MODULES, dtype=dtype
+        )
+    if not isinstance(device_map, dict):
+        raise ValueError(
+            f"device_map={device_map!r}; expected a device, one of {list(ACCELERATE_DEVICE_MAPS)} "
+            "or a {module: device} dict"
+        )
+    uncovered = [name for name, _ in model.named_parameters() if lookup_device(device_map, name) is None]
+    if uncovered:
+        raise ValueError(f"device_map does not place {format_keys(uncovered)}")
+    for value in set(device_map.values()):
+        if value != "disk":
+            _check_device(_as_device(value))
+    on_disk = [name for name, value in device_map.items() if value == "disk"]
+    if on_disk and offload_folder is None:
+        raise ValueError(f"device_map puts {on_disk} on 'disk'; pass offload_folder= (a folder for those weights)")
+    if on_disk:
+        Path(offload_folder).mkdir(parents=True, exist_ok=True)
+    devices = [_as_device(v) for v in device_map.values() if v not in ("cpu", "disk")]
+    return Placement(
+        devices[0] if devices else torch.device("cpu"),
+        dict(device_map),
+        Path(offload_folder) if offload_folder is not None else None,
+    )
+
+
+def _check_device(device: torch.device) -> None:
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: CUDA is not available here; use 'cpu'")
+    if device.type == "meta":
+        raise ValueError("device 'meta': a loaded model needs real storage; build the model on meta directly instead")
+
+
+# -------------------------------------------------------------------------------------- the loop
+def _load_tensors(
+    model: nn.Module,
+    params: dict[str, Tensor],
+    aliases: dict[str, str],
+    source: CheckpointSource,
+    placement: Placement,
+    progress: bool | None,
+) -> tuple[set[str], list[str], dict[str, Tensor]]:
+    """Place every checkpoint tensor. Returns the parameter names loaded, the unexpected
+    checkpoint names, and the tensors found under a tied alias (a tied head saved anyway)."""
+    rename = _name_mapper(set(params) | set(aliases))
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    heads: dict[str, Tensor] = {}
+
+    bar = progress_bar(source.num_groups, f"loading {source.root.name or source.root}", progress)
+    try:
+        for group in source.iter_groups():
+            for checkpoint_name, tensor in group.items():
+                name = rename(checkpoint_name)
+                if name is None:
+                    continue
+                target = aliases.get(name, name)
+                if target not in params:
+                    unexpected.append(checkpoint_name)
+                    continue
+                param = params[target]
+                if tuple(tensor.shape) != tuple(param.shape):
+                    raise ShapeMismatchError(
+                        f"{source.file_of(checkpoint_name)}: tensor {checkpoint_name!r} has shape "
+                        f"{tuple(tensor.shape)}, but the config ({_config_summary(source.config)}) "
+                        f"needs {tuple(param.shape)}"
+                    )
+                if name in aliases:
+                    heads[name] = tensor  # settled once the embedding it is tied to is in place
+                    continue
+                _place(model, target, param, tensor, placement, source.owns_tensors)
+                loaded.add(target)
+            del group
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return loaded, unexpected, heads
+
+
+def _place(
+    model: nn.Module,
+    name: str,
+    param: Tensor,
+    tensor: Tensor,
+    placement: Placement,
+    owns: bool,
+) -> None:
+    """Put ``tensor`` in place of meta parameter ``name`` on its device, in ``param``'s dtype.
+
+    ``owns``: the source lets ``tensor`` become the parameter itself (see CheckpointSource.owns_tensors)."""
+    device = placement.device_for(name)
+    if device == "disk":
+        from accelerate.utils import offload_weight
+
+        value = tensor.to(device="cpu", dtype=param.dtype)
+        offload_weight(value, name, str(placement.offload_folder), index=placement.offload_index)
+        return
+    if owns and tensor.device == device:
+        value = tensor.to(param.dtype).contiguous()  # no copy when the dtype already matches
+    else:
+        value = torch.empty(param.shape, dtype=param.dtype, device=device)
+        value.copy_(tensor)  # converts the dtype; reads a memory-mapped tensor page by page
+    _set_parameter(model, name, nn.Parameter(value, requires_grad=param.requires_grad))
+
+
+def _set_parameter(model: nn.Module, name: str, value: nn.Parameter) -> None:
+    module_name, _, attr = name.rpartition(".")
+    model.get_submodule(module_name)._parameters[attr] = value
+
+
+def _tied_aliases(model: nn.Module) -> dict[str, str]:
+    """{second name: first name} for parameters shared under two names (lm_head.weight when tied)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
+
+
+def _name_mapper(expected: set[str]) -> Callable[[str], str | None]:
+    """Checkpoint name -> model name, across the bare model / causal LM prefix; None: ignore it."""
+    bare = not any(name.startswith("model.") for name in expected)
+
+    def rename(name: str) -> str | None:
+        if _IGNORED_KEYS.search(name):
+            return None
+        if bare:
+            if name.startswith("lm_head."):
+                return None  # a causal LM's head, which the bare model does not have
+            return name.removeprefix("model.")
+        if not name.startswith(("model.", "lm_head.")) and f"model.{name}" in expected:
+            return f"model.{name}"  # a bare model's checkpoint loaded into the causal LM
+        return name
+
+    return rename
+
+
+def _config_summary(config: Any) -> str:
+    return (
+        f"vocab_size={config.vocab_size}, hidden_size={config.hidden_size}, "
+        f"intermediate_size={config.intermediate_size}, heads={config.num_attention_heads}, "
+        f"kv_heads={config.num_key_value_heads}, head_dim={config.head_dim}"
+    )
+
+
+# ------------------------------------------------------------------------------------------ after
+def _settle_tied_heads(
+    model: nn.Module,
+    params: dict[str, Tensor],
+    aliases: dict[str, str],
+    heads: dict[str, Tensor],
+    loaded: set[str],
+    placement: Placement,
+    source: CheckpointSource,
+) -> None:
+    """A tied config whose checkpoint also holds the head, as transformers settles it: equal to the
+    embedding, it stays tied; different, the two are untied and both loaded; alone, it is the
+    shared tensor."""
+    for alias, tensor in heads.items():
+        target = aliases[alias]
+        if target not in loaded:
+            _place(model, target, params[target], tensor, placement, source.owns_tensors)
+            loaded.add(target)
+            continue
+        current = model.get_parameter(target)
+        if current.is_meta or torch.equal(current, tensor.to(device=current.device, dtype=current.dtype)):
+            continue
+        warnings.warn(
+            f"{source.file_of(alias)}: tie_word_embeddings is set but {alias} differs from {target}; "
+            "loading both untied, as transformers does",
+            stacklevel=4,
+        )
+        model.config.tie_word_embeddings = False
+        _place(model, alias, params[target], tensor, placement, source.owns_tensors)
+
+
+def _check_keys(
+    model: nn.Module,
+    params: dict[str, Tensor],
+    source: CheckpointSource,
+    loaded: set[str],
+    unexpected: list[str],
+    strict: bool,
+    placement: Placement,
+) -> None:
+    """Raise (strict) or warn about missing / unexpected tensors; tie a missing head; init the rest."""
+    missing = resolve_missing(set(params), loaded, unexpected, source, model.config, strict, params)
+    for name in missing:
+        _init_missing(model, name, params[name], placement)
+
+
+def resolve_missing(
+    expected: set[str],
+    loaded: set[str],
+    unexpected: list[str],
+    source: CheckpointSource,
+    config: Any,
+    strict: bool,
+    shapes: dict[str, Tensor],
+) -> list[str]:
+    """The missing tensor names left to initialise, after tying a missing head to the embedding
+    (config.tie_word_embeddings is set). strict: raise MissingKeysError, then UnexpectedKeysError;
+    otherwise warn about both."""
+    missing = sorted(expected - loaded)
+    head, embedding = "lm_head.weight", "model.embed_tokens.weight"
+    if head in missing and embedding in loaded and shapes[head].shape == shapes[embedding].shape:
+        # A checkpoint without a head is a tied one, whatever its config says.
+        warnings.warn(f"{source.root}: no {head}; tying the output head to the input embeddings", stacklevel=5)
+        config.tie_word_embeddings = True
+        missing.remove(head)
+    if strict and missing:
+        also = f"; it also holds {len(unexpected)} unexpected: {format_keys(unexpected, 5)}" if unexpected else ""
+        raise MissingKeysError(
+            f"{source.root}: the checkpoint lacks {len(missing)} tensors the model needs: {format_keys(missing)}{also}",
+            missing,
+        )
+    if strict and unexpected:
+        raise UnexpectedKeysError(
+            f"{source.file_of(unexpected[0])}: {len(unexpected)} tensors the model has no place for: "
+            f"{format_keys(unexpected)}; strict=False loads the rest",
+            unexpected,
+        )
+    if unexpected:
+        warnings.warn(
+            f"{source.root}: ignored {len(unexpected)} unexpected tensors: {format_keys(unexpected)}", stacklevel=5
+        )
+    if missing:
+        warnings.warn(
+            f"{source.root}: {len(missing)} tensors missing from the checkpoint, freshly initialised: "
+            f"{format_keys(missing)}",
+            stacklevel=5,
+        )
+    return missing
+
+
+def _init_missing(model: nn.Module, name: str, param: Tensor, placement: Placement) -> None:
+    """A missing tensor initialised as the model's own _init_weights would: ones for norms, zero
+    biases, normal(0, initializer_range) otherwise (the padding row of an embedding zeroed)."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    value = torch.empty(param.shape, dtype=param.dtype)
+    if "norm" in type(module).__name__.lower():
+        value.fill_(1.0)
+    elif attr == "bias":
+        value.zero_()
+    else:
+        value.normal_(mean=0.0, std=model.config.initializer_range)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            value[module.padding_idx].zero_()
+    _place(model, name, param, value, placement, owns=True)
+
+
+def _materialize_buffers(model: nn.Module, placement: Placement) -> None:
+    """Recompute the rotary frequencies, which are never in a checkpoint (non-persistent buffers)."""
+    from ..modeling import LlamaRotaryEmbedding
+
+    for name, module in model.named_modules():
+        if isinstance(module, LlamaRotaryEmbedding):
+            device = placement.device_for(f"{name}.inv_freq" if name else "inv_freq")
+            module.inv_freq = torch.empty(0, device="cpu" if device == "disk" else device)
+            module.reset_parameters()  # computes on inv_freq's device
+
+
+def _dispatch(model: nn.Module, placement: Placement) -> None:
+    from accelerate import dispatch_model
+    from accelerate.utils import save_offload_index
+
+    folder = placement.offload_folder
+    if folder is not None and placement.offload_index:
+        save_offload_index(placement.offload_index, str(folder))
+    dispatch_model(model, device_map=placement.device_map, offload_dir=str(folder) if folder is not None else None)
+    model.hf_device_map = placement.device_map
+
+
+def progress_bar(total: int, desc: str, progress: bool | None) -> Any:
+    """A tqdm bar, or None: ``progress`` None shows one for several groups on a terminal only."""
+    show = progress if progress is not None else (total > 1 and sys.stderr.isatty())
+    if not show:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="group", leave=False)

@@ -1,0 +1,294 @@
+"""Model or checkpoint -> a Hub-format folder that transformers' from_pretrained reads.
+
+``save_pretrained``: config.json + model.safetensors, or model-0000i-of-0000N.safetensors with
+model.safetensors.index.json ({"metadata": {"total_size"}, "weight_map"}) past max_shard_size,
+split by huggingface_hub's split_torch_state_dict_into_shards; pytorch_model*.bin alike with
+``safe_serialization=False``. A tied lm_head is not written (transformers re-ties it on load).
+
+``convert_checkpoint``: any readable checkpoint to that layout without building a model: the
+source's groups stream into shards of at most max_shard_size, so memory holds one shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..configuration import CONFIG_NAME
+from .errors import ShapeMismatchError
+from .hub import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from .loading import _name_mapper, _tied_aliases, build_meta_model, parse_dtype, progress_bar, resolve_missing
+
+SAFETENSORS_METADATA = {"format": "pt"}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*\Z", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like "5GB", "500MB", "2GiB" (KB = 1000 bytes, KiB = 1024, as huggingface_hub)."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    match = _SIZE.fullmatch(size) if isinstance(size, str) else None
+    if match is None or float(match.group(1)) <= 0:
+        raise ValueError(f"max_shard_size={size!r}; expected a positive int (bytes) or a string like '5GB', '500MB'")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
+
+
+# ----------------------------------------------------------------------------------- save_pretrained
+def save_pretrained(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    max_shard_size: int | str = "5GB",
+    safe_serialization: bool = True,
+) -> Path:
+    """Write ``model`` to ``save_directory`` as transformers would (see the module docstring)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    directory = Path(save_directory)
+    if directory.is_file():
+        raise ValueError(f"{directory}: is a file; save_pretrained needs a folder")
+    state = model.state_dict()
+    offloaded = [name for name, t in state.items() if t.is_meta]
+    if offloaded:
+        raise ValueError(
+            f"cannot save: {len(offloaded)} weights are offloaded (device_map) and not in memory, "
+            f"e.g. {offloaded[0]!r}; load without disk offload to save"
+        )
+    for alias in _tied_aliases(model):
+        state.pop(alias, None)  # as transformers: the tied head is not written, the loader re-ties it
+
+    if safe_serialization:
+        weights_name, index_name = SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME
+    else:
+        weights_name, index_name = WEIGHTS_NAME, WEIGHTS_INDEX_NAME
+    stem, suffix = weights_name.split(".", 1)
+    # Split by the tensors' own sizes: the splitter measures storages, and loaded weights are views
+    # sharing one memory-mapped storage per group, which would count a whole file per tensor.
+    split = split_torch_state_dict_into_shards(
+        {name: torch.empty_like(t, device="meta") for name, t in state.items()},
+        filename_pattern=f"{stem}{{suffix}}.{suffix}",
+        max_shard_size=parse_size(max_shard_size),
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    _remove_stale_weights(directory, weights_name, index_name, keep=set(split.filename_to_tensors))
+    for filename, names in split.filename_to_tensors.items():
+        shard = {name: state[name].detach().to("cpu").contiguous() for name in names}
+        if not safe_serialization:  # torch.save writes whole storages: a view would drag its file along
+            shard = {name: _standalone(tensor) for name, tensor in shard.items()}
+        _write_shard(shard, directory / filename, safe_serialization)
+        del shard
+    if split.is_sharded:
+        index = {"metadata": dict(split.metadata), "weight_map": dict(sorted(split.tensor_to_filename.items()))}
+        (directory / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    config = model.config.copy()
+    config.dtype = _dtype_name(next(iter(state.values())).dtype) if state else config.dtype
+    config.save_pretrained(directory)
+    return directory
+
+
+def _write_shard(shard: dict[str, Tensor], path: Path, safe_serialization: bool) -> None:
+    """Write to a temporary file, then rename over ``path``: a model loaded from ``path`` keeps its
+    weights memory-mapped, and rewriting the file in place would pull them from under it (SIGBUS)."""
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        if safe_serialization:
+            from safetensors.torch import save_file
+
+            save_file(shard, str(partial), metadata=SAFETENSORS_METADATA)
+        else:
+            torch.save(shard, partial)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _remove_stale_weights(directory: Path, weights_name: str, index_name: str, keep: set[str]) -> None:
+    """Delete weights of this format left by an earlier save (another shard count) that would
+    otherwise be read instead of, or beside, the new ones."""
+    stem, suffix = weights_name.split(".", 1)
+    stale = re.compile(rf"{re.escape(stem)}(-\d{{5}}-of-\d{{5}})?\.{re.escape(suffix)}\Z")
+    for path in directory.iterdir():
+        if path.is_file() and path.name not in keep and (stale.match(path.name) or path.name == index_name):
+            path.unlink()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# --------------------------------------------------------------------------------------- convert
+def convert_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    dtype: str | torch.dtype = "auto",
+    max_shard_size: int | str = "5GB",
+    *,
+    progress: bool | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+) -> Path:
+    """Write any checkpoint llama_port reads (Hub folder or repo id, Meta folder, GGUF) to ``dst`` in Hub format.
+
+    ``dst`` gets config.json, model.safetensors or shards + index (``dtype``: "auto" keeps the
+    source's), and the tokenizer: the source's tokenizer files copied, or for GGUF one built by
+    transformers (when installed) from the file's metadata. Tensors are checked against the config
+    as a load checks them (shapes, missing, unexpected). Returns ``dst``.
+    """
+    from ..modeling import LlamaForCausalLM
+    from .resolve import open_checkpoint
+
+    out_dtype = parse_dtype(dtype)
+    max_bytes = parse_size(max_shard_size)
+    source = open_checkpoint(
+        src, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only
+    )
+    out_dtype = out_dtype or source.dtype
+    dst = Path(dst)
+    source_folders = {source.root.resolve(), *(f.parent.resolve() for f in source.files)}
+    if dst.exists() and dst.resolve() in source_folders:
+        raise ValueError(f"{dst}: is where the source checkpoint lives; convert to another folder")
+
+    meta_model = build_meta_model(LlamaForCausalLM, source.config, out_dtype, None)
+    params = dict(meta_model.named_parameters())
+    aliases = _tied_aliases(meta_model)
+    rename = _name_mapper(set(params) | set(aliases))
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    heads: dict[str, Tensor] = {}  # a tied head found in the checkpoint, settled at the end
+    tied_targets: dict[str, Tensor] = {}  # the tensors such a head is compared with
+    dst.mkdir(parents=True, exist_ok=True)
+    writer = _ShardWriter(dst, max_bytes)
+    bar = progress_bar(source.num_groups, f"converting {source.root.name or source.root}", progress)
+    try:
+        for group in source.iter_groups():
+            for checkpoint_name, tensor in group.items():
+                name = rename(checkpoint_name)
+                if name is None:
+                    continue
+                target = aliases.get(name, name)
+                if target not in params:
+                    unexpected.append(checkpoint_name)
+                    continue
+                if tuple(tensor.shape) != tuple(params[target].shape):
+                    raise ShapeMismatchError(
+                        f"{source.file_of(checkpoint_name)}: tensor {checkpoint_name!r} has shape "
+                        f"{tuple(tensor.shape)}, but the config needs {tuple(params[target].shape)}"
+                    )
+                tensor = _standalone(tensor.to(out_dtype) if tensor.is_floating_point() else tensor)
+                if name in aliases:
+                    heads[name] = tensor
+                    continue
+                if name in aliases.values():
+                    tied_targets[name] = tensor
+                writer.add(name, tensor)
+                loaded.add(name)
+            if bar is not None:
+                bar.update(1)
+        for alias, tensor in heads.items():  # as loading settles them (see loading._settle_tied_heads)
+            target = aliases[alias]
+            if target not in loaded:
+                writer.add(target, tensor)
+                loaded.add(target)
+            elif not torch.equal(tied_targets[target], tensor):
+                meta_model.config.tie_word_embeddings = False
+                writer.add(alias, tensor)
+        resolve_missing(set(params), loaded, unexpected, source, meta_model.config, strict=True, shapes=params)
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+    config = meta_model.config.copy()
+    config.dtype = _dtype_name(out_dtype)
+    config.save_pretrained(dst)
+    _write_tokenizer(source, dst)
+    return dst
+
+
+def _standalone(tensor: Tensor) -> Tensor:
+    """``tensor`` with a storage of its own (safetensors refuses tensors sharing memory)."""
+    tensor = tensor.contiguous()
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        tensor = tensor.clone()
+    return tensor
+
+
+class _ShardWriter:
+    """Packs tensors into safetensors shards of at most ``max_bytes`` (a bigger tensor gets its own),
+    as split_torch_state_dict_into_shards does, writing each shard as it fills; final names once
+    the count is known."""
+
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.current: dict[str, Tensor] = {}
+        self.current_bytes = 0
+        self.written: list[tuple[Path, list[str]]] = []
+        self.total_size = 0
+
+    def add(self, name: str, tensor: Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.current and self.current_bytes + nbytes > self.max_bytes:
+            self._flush()
+        self.current[name] = tensor
+        self.current_bytes += nbytes
+        self.total_size += nbytes
+
+    def _flush(self) -> None:
+        path = self.directory / f".partial-{len(self.written):05d}.safetensors"
+        _write_shard(self.current, path, safe_serialization=True)
+        self.written.append((path, list(self.current)))
+        self.current, self.current_bytes = {}, 0
+
+    def finish(self) -> None:
+        if self.current or not self.written:
+            self._flush()
+        count = len(self.written)
+        names = (
+            [SAFE_WEIGHTS_NAME] if count == 1
+            else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        )
+        _remove_stale_weights(self.directory, SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, keep=set())
+        weight_map = {}
+        for (partial, tensors), name in zip(self.written, names):
+            partial.replace(self.directory / name)
+            weight_map.update(dict.fromkeys(tensors, name))
+        if count > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.directory / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    def abort(self) -> None:
+        for partial, _ in self.written:
+            partial.unlink(missing_ok=True)
+        self.current = {}
+
+
+def _write_tokenizer(source, dst: Path) -> None:
+    for path in source.tokenizer_files:
+        if path.name != CONFIG_NAME:
+            shutil.copyfile(path, dst / path.name)
+    if source.format == "gguf":
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            warnings.warn(
+                f"{dst}: no tokenizer written: building one from a GGUF file needs transformers", stacklevel=3
+            )
+            return
+        gguf_file = source.files[0]
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+        tokenizer.save_pretrained(str(dst))
