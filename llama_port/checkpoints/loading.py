@@ -176,6 +176,13 @@ def load_pretrained(
         _dispatch(model, placement)
     if attn_implementation is not None and build_attn != attn_implementation:
         model.set_attn_implementation(attn_implementation)
+    elif attn_implementation is None:
+        # Nothing asked for: now that device and dtype are known, flash_attention_2 when it can run.
+        from ..attention import default_attn_implementation
+
+        chosen = default_attn_implementation(model.device, target_dtype)
+        if chosen != model.attn_implementation:
+            model.set_attn_implementation(chosen)
     model.config.dtype = str(target_dtype).removeprefix("torch.")
     return model.eval()
 
