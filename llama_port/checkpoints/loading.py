@@ -45,75 +45,6 @@ _IGNORED_KEYS = re.compile(r"(^|\.)rotary_emb\.inv_freq\Z")
 DeviceMap = dict[str, "str | int | torch.device"]
 
 
-class CheckpointMixin:
-    """Adds ``from_pretrained`` / ``save_pretrained`` to the models (LlamaModel, LlamaForCausalLM)."""
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str | os.PathLike | CheckpointSource,
-        *,
-        dtype: str | torch.dtype | None = "auto",
-        torch_dtype: str | torch.dtype | None = None,
-        device: str | torch.device | None = None,
-        device_map: str | int | torch.device | DeviceMap | None = None,
-        max_memory: dict[str | int, int | str] | None = None,
-        offload_folder: str | os.PathLike | None = None,
-        attn_implementation: str | None = None,
-        strict: bool = True,
-        progress: bool | None = None,
-        revision: str | None = None,
-        token: str | bool | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        local_files_only: bool = False,
-    ):
-        """Load a checkpoint: a local folder or file (Hub format, Meta consolidated.*.pth, .gguf) or a Hub repo id.
-
-        dtype: "auto" (the checkpoint's: config.json's dtype, else the weights') or a floating
-            torch dtype or its name; ``torch_dtype`` is its older name.
-        device: where every weight goes ("cpu", "cuda", ...). device_map: a device, or "auto" /
-            "balanced" / "balanced_low_0" / "sequential" / a {module: device} dict through
-            accelerate, with ``max_memory`` and ``offload_folder`` (needed when weights go to "disk").
-        strict: missing or unexpected tensors raise; False initialises missing ones as a fresh model
-            would and warns about both.
-        progress: a bar over the checkpoint's groups; None shows it on a terminal only.
-        revision, token, cache_dir, local_files_only: for a Hub repo id (HF_HUB_OFFLINE is honoured).
-
-        Returns the model in eval mode. Raises the errors of llama_port.checkpoints.errors.
-        """
-        return load_pretrained(
-            cls,
-            name_or_path,
-            dtype=dtype,
-            torch_dtype=torch_dtype,
-            device=device,
-            device_map=device_map,
-            max_memory=max_memory,
-            offload_folder=offload_folder,
-            attn_implementation=attn_implementation,
-            strict=strict,
-            progress=progress,
-            revision=revision,
-            token=token,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-        )
-
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike,
-        max_shard_size: int | str = "5GB",
-        safe_serialization: bool = True,
-    ) -> Path:
-        """Write config.json and the weights (safetensors, sharded past ``max_shard_size``) as
-        transformers does; ``safe_serialization=False`` writes pytorch_model*.bin. Returns the folder."""
-        from .saving import save_pretrained
-
-        return save_pretrained(
-            self, save_directory, max_shard_size=max_shard_size, safe_serialization=safe_serialization
-        )
-
-
 # ---------------------------------------------------------------------------------------- loading
 def load_pretrained(
     cls: type,
@@ -133,7 +64,20 @@ def load_pretrained(
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
 ):
-    """``cls.from_pretrained``: see CheckpointMixin.from_pretrained."""
+    """Load a checkpoint: a local folder or file (Hub format, Meta consolidated.*.pth, .gguf) or a Hub repo id.
+
+    dtype: "auto" (the checkpoint's: config.json's dtype, else the weights') or a floating
+        torch dtype or its name; ``torch_dtype`` is its older name.
+    device: where every weight goes ("cpu", "cuda", ...). device_map: a device, or "auto" /
+        "balanced" / "balanced_low_0" / "sequential" / a {module: device} dict through
+        accelerate, with ``max_memory`` and ``offload_folder`` (needed when weights go to "disk").
+    strict: missing or unexpected tensors raise; False initialises missing ones as a fresh model
+        would and warns about both.
+    progress: a bar over the checkpoint's groups; None shows it on a terminal only.
+    revision, token, cache_dir, local_files_only: for a Hub repo id (HF_HUB_OFFLINE is honoured).
+
+    Returns the model in eval mode. Raises the errors of llama_port.checkpoints.errors.
+    """
     from ..attention import get_backend
 
     requested_dtype = parse_dtype(dtype, torch_dtype)
@@ -585,3 +529,24 @@ def progress_bar(total: int, desc: str, progress: bool | None) -> Any:
     except ImportError:
         return None
     return tqdm(total=total, desc=desc, unit="group", leave=False)
+
+
+class CheckpointMixin:
+    """Adds ``from_pretrained`` / ``save_pretrained`` to the models (LlamaModel, LlamaForCausalLM)."""
+
+    # ``cls.from_pretrained(name_or_path, ...)``: load_pretrained with the class as its first argument.
+    from_pretrained = classmethod(load_pretrained)
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        max_shard_size: int | str = "5GB",
+        safe_serialization: bool = True,
+    ) -> Path:
+        """Write config.json and the weights (safetensors, sharded past ``max_shard_size``) as
+        transformers does; ``safe_serialization=False`` writes pytorch_model*.bin. Returns the folder."""
+        from .saving import save_pretrained
+
+        return save_pretrained(
+            self, save_directory, max_shard_size=max_shard_size, safe_serialization=safe_serialization
+        )
