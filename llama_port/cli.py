@@ -100,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu")
     b.add_argument("--new-tokens", type=int, default=128)
     b.add_argument("--prefill-tokens", type=int, default=512)
-    b.add_argument("--repeats", type=int, default=3)
-    b.add_argument("--compile", action="store_true")
+    b.add_argument("--repeats", type=int, default=3, help="interleaved runs per configuration (median)")
+    b.add_argument("--no-compile", action="store_true", help="skip the compiled decode step (compiling takes minutes)")
+    b.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for both libraries")
     b.add_argument("--json", default=None, metavar="PATH|-")
     b.set_defaults(handler=_bench)
     return parser
