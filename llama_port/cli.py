@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu")
     g.add_argument("--cache", choices=("dynamic", "static"), default="static")
     g.add_argument("--compile", action="store_true", help="torch.compile the single-token decode step")
+    g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     g.set_defaults(handler=_generate)
 
     c = sub.add_parser("convert", help="write any supported checkpoint as a Hub-format folder")

@@ -56,11 +56,14 @@ class TimingStreamer:
     def new_tokens(self) -> int:
         return len(self.times)
 
-    def decode_tokens_per_s(self) -> float:
-        """Tokens after the first, per second of decoding (nan with fewer than two tokens)."""
-        if len(self.times) < 2:
+    def decode_tokens_per_s(self, skip: int = 0) -> float:
+        """Tokens after the first (and ``skip`` more), per second of decoding; nan if too few.
+
+        ``skip=1`` leaves out the first decode step, which is where compile=True compiles."""
+        times = self.times[skip:]
+        if len(times) < 2:
             return float("nan")
-        return (len(self.times) - 1) / (self.times[-1] - self.times[0])
+        return (len(times) - 1) / (times[-1] - times[0])
 
 
 class TextStreamPrinter(TimingStreamer):
@@ -160,9 +163,18 @@ def encode_prompt(tokenizer: Any, prompt: str, chat: bool) -> Tensor:
     return torch.tensor([ids], dtype=torch.long)
 
 
+def _set_threads(threads: int | None) -> None:
+    """--threads: torch.set_num_threads for everything the command runs (None: torch's default)."""
+    if threads is not None:
+        if threads < 1:
+            raise UsageError(f"--threads={threads}; expected >= 1")
+        torch.set_num_threads(threads)
+
+
 # ------------------------------------------------------------------------------------ generate
 def run_generate_command(args: argparse.Namespace) -> int:
     """Stream the continuation of --prompt to stdout; tokens/s to stderr."""
+    _set_threads(args.threads)
     checkpoint = resolve_checkpoint_arg(args.checkpoint)
     model = load_model(checkpoint, args.dtype, args.device)
     tokenizer = load_tokenizer_or_fail(checkpoint)
@@ -187,10 +199,14 @@ def run_generate_command(args: argparse.Namespace) -> int:
     )
     elapsed = time.perf_counter() - start
     new_tokens = output.shape[1] - input_ids.shape[1]
+    # With --compile the first decode step compiles: time the decoding from the step after it.
+    skip = 1 if args.compile else 0
+    compiling = ""
+    if args.compile and len(printer.times) > 1:
+        compiling = f", compiling {printer.times[1] - printer.times[0]:.1f} s"
     print(
-        f"{new_tokens} tokens in {elapsed:.2f} s: {new_tokens / elapsed:.1f} tokens/s overall, "
-        f"{printer.decode_tokens_per_s():.1f} tokens/s decoding (prompt {input_ids.shape[1]} tokens, "
-        f"{torch.get_num_threads()} threads)",
+        f"{new_tokens} tokens in {elapsed:.2f} s: {printer.decode_tokens_per_s(skip):.1f} tokens/s decoding "
+        f"(prompt {input_ids.shape[1]} tokens, {torch.get_num_threads()} threads{compiling})",
         file=sys.stderr,
     )
     return 0
@@ -392,10 +408,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     """Load the checkpoint into both libraries, benchmark, print the table (and JSON with --json)."""
     if args.new_tokens < 2 or args.prefill_tokens < 1 or args.repeats < 1:
         raise UsageError("--new-tokens must be >= 2, --prefill-tokens and --repeats >= 1")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads={args.threads}; expected >= 1")
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     checkpoint = resolve_checkpoint_arg(args.checkpoint)
 
     def log(message: str) -> None:
