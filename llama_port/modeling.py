@@ -419,23 +419,26 @@ class LlamaModel(LlamaPreTrainedModel):
         if position_ids is None:
             position_ids = cache_position.unsqueeze(0)  # (1, T)
 
-        if past_key_values is not None:
-            kv_length = past_key_values.kv_length(q_length)
+        if prepared_mask:
+            mask = attention_mask
         else:
-            kv_length = attention_mask.shape[-1] if attention_mask is not None else q_length
-        mask = attention_mask if prepared_mask else build_attention_mask(
-            self.attention_backend.mask_format,
-            batch_size=batch_size,
-            q_length=q_length,
-            kv_length=kv_length,
-            q_offset=past_seen,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            has_cache=past_key_values is not None,
-            static_cache=getattr(past_key_values, "is_static", False),
-            dtype=inputs_embeds.dtype,
-            device=inputs_embeds.device,
-        )
+            if past_key_values is not None:
+                kv_length = past_key_values.kv_length(q_length)
+            else:
+                kv_length = attention_mask.shape[-1] if attention_mask is not None else q_length
+            mask = build_attention_mask(
+                self.attention_backend.mask_format,
+                batch_size=batch_size,
+                q_length=q_length,
+                kv_length=kv_length,
+                q_offset=past_seen,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                has_cache=past_key_values is not None,
+                static_cache=getattr(past_key_values, "is_static", False),
+                dtype=inputs_embeds.dtype,
+                device=inputs_embeds.device,
+            )
 
         hidden_states = inputs_embeds
         cos, sin = self.rotary_emb(hidden_states, position_ids)  # (B or 1, T, D)
