@@ -17,7 +17,7 @@ CHECKPOINT_HELP = (
 )
 
 
-class UsageError(Exception):
+class UsageError(ValueError):
     """Bad arguments or unreadable input: exit code 2 with a one-line reason."""
 
 

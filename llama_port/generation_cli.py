@@ -24,12 +24,9 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .cli import UsageError
+
 BENCH_PROMPT = "The history of the printing press begins"
-
-
-class UsageError(ValueError):
-    """Bad arguments or input the command cannot use (cli.py turns it into exit code 2)."""
 
 
 # ------------------------------------------------------------------------------------ streamers
@@ -112,7 +109,7 @@ def load_model(checkpoint: str, dtype: str, device: str):
     """llama_port's LlamaForCausalLM from any supported checkpoint, in eval mode."""
     from .modeling import LlamaForCausalLM
 
-    return LlamaForCausalLM.from_pretrained(checkpoint, dtype=DTYPES[dtype], device=device).eval()
+    return LlamaForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype), device=device).eval()
 
 
 def load_tokenizer_or_fail(checkpoint: str) -> Any:
@@ -130,7 +127,7 @@ def load_transformers_model(checkpoint: str, dtype: str, device: str):
     import transformers
 
     path = Path(checkpoint)
-    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
     if path.suffix == ".gguf":
         kwargs["gguf_file"] = path.name
         checkpoint = str(path.parent)
