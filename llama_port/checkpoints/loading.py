@@ -19,7 +19,7 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -284,12 +284,34 @@ def _load_tensors(
 ) -> tuple[set[str], list[str], dict[str, Tensor]]:
     """Place every checkpoint tensor. Returns the parameter names loaded, the unexpected
     checkpoint names, and the tensors found under a tied alias (a tied head saved anyway)."""
-    rename = _name_mapper(set(params) | set(aliases))
     loaded: set[str] = set()
     unexpected: list[str] = []
     heads: dict[str, Tensor] = {}
+    for name, target, tensor in iter_parameter_tensors(source, params, aliases, unexpected, "loading", progress):
+        if name in aliases:
+            heads[name] = tensor  # settled once the embedding it is tied to is in place
+            continue
+        _place(model, target, params[target], tensor, placement, source.owns_tensors)
+        loaded.add(target)
+    return loaded, unexpected, heads
 
-    bar = progress_bar(source.num_groups, f"loading {source.root.name or source.root}", progress)
+
+def iter_parameter_tensors(
+    source: CheckpointSource,
+    params: dict[str, Tensor],
+    aliases: dict[str, str],
+    unexpected: list[str],
+    verb: str,
+    progress: bool | None,
+) -> Iterator[tuple[str, str, Tensor]]:
+    """Every checkpoint tensor that maps to one of ``params``, as (our name, the parameter it fills,
+    tensor), its shape checked against the parameter's (ShapeMismatchError naming the file).
+
+    Checkpoint names that map to no parameter are appended to ``unexpected``; names mapped to None
+    (buffers recomputed from the config) are skipped. ``aliases`` maps a tied name (lm_head.weight)
+    to the parameter it shares. Drives a progress bar over the source's groups."""
+    rename = _name_mapper(set(params) | set(aliases))
+    bar = progress_bar(source.num_groups, f"{verb} {source.root.name or source.root}", progress)
     try:
         for group in source.iter_groups():
             for checkpoint_name, tensor in group.items():
@@ -300,25 +322,19 @@ def _load_tensors(
                 if target not in params:
                     unexpected.append(checkpoint_name)
                     continue
-                param = params[target]
-                if tuple(tensor.shape) != tuple(param.shape):
+                if tuple(tensor.shape) != tuple(params[target].shape):
                     raise ShapeMismatchError(
                         f"{source.file_of(checkpoint_name)}: tensor {checkpoint_name!r} has shape "
                         f"{tuple(tensor.shape)}, but the config ({_config_summary(source.config)}) "
-                        f"needs {tuple(param.shape)}"
+                        f"needs {tuple(params[target].shape)}"
                     )
-                if name in aliases:
-                    heads[name] = tensor  # settled once the embedding it is tied to is in place
-                    continue
-                _place(model, target, param, tensor, placement, source.owns_tensors)
-                loaded.add(target)
+                yield name, target, tensor
             del group
             if bar is not None:
                 bar.update(1)
     finally:
         if bar is not None:
             bar.close()
-    return loaded, unexpected, heads
 
 
 def _place(

@@ -22,9 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from ..configuration import CONFIG_NAME
-from .errors import ShapeMismatchError
 from .hub import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
-from .loading import _name_mapper, _tied_aliases, build_meta_model, parse_dtype, progress_bar, resolve_missing
+from .loading import _tied_aliases, build_meta_model, iter_parameter_tensors, parse_dtype, resolve_missing
 
 SAFETENSORS_METADATA = {"format": "pt"}
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*\Z", re.IGNORECASE)
@@ -162,39 +161,22 @@ def convert_checkpoint(
     meta_model = build_meta_model(LlamaForCausalLM, source.config, out_dtype, None)
     params = dict(meta_model.named_parameters())
     aliases = _tied_aliases(meta_model)
-    rename = _name_mapper(set(params) | set(aliases))
     loaded: set[str] = set()
     unexpected: list[str] = []
     heads: dict[str, Tensor] = {}  # a tied head found in the checkpoint, settled at the end
     tied_targets: dict[str, Tensor] = {}  # the tensors such a head is compared with
     dst.mkdir(parents=True, exist_ok=True)
     writer = _ShardWriter(dst, max_bytes)
-    bar = progress_bar(source.num_groups, f"converting {source.root.name or source.root}", progress)
     try:
-        for group in source.iter_groups():
-            for checkpoint_name, tensor in group.items():
-                name = rename(checkpoint_name)
-                if name is None:
-                    continue
-                target = aliases.get(name, name)
-                if target not in params:
-                    unexpected.append(checkpoint_name)
-                    continue
-                if tuple(tensor.shape) != tuple(params[target].shape):
-                    raise ShapeMismatchError(
-                        f"{source.file_of(checkpoint_name)}: tensor {checkpoint_name!r} has shape "
-                        f"{tuple(tensor.shape)}, but the config needs {tuple(params[target].shape)}"
-                    )
-                tensor = _standalone(tensor.to(out_dtype) if tensor.is_floating_point() else tensor)
-                if name in aliases:
-                    heads[name] = tensor
-                    continue
-                if name in aliases.values():
-                    tied_targets[name] = tensor
-                writer.add(name, tensor)
-                loaded.add(name)
-            if bar is not None:
-                bar.update(1)
+        for name, _, tensor in iter_parameter_tensors(source, params, aliases, unexpected, "converting", progress):
+            tensor = _standalone(tensor.to(out_dtype) if tensor.is_floating_point() else tensor)
+            if name in aliases:
+                heads[name] = tensor
+                continue
+            if name in aliases.values():
+                tied_targets[name] = tensor
+            writer.add(name, tensor)
+            loaded.add(name)
         for alias, tensor in heads.items():  # as loading settles them (see loading._settle_tied_heads)
             target = aliases[alias]
             if target not in loaded:
@@ -208,9 +190,6 @@ def convert_checkpoint(
     except BaseException:
         writer.abort()
         raise
-    finally:
-        if bar is not None:
-            bar.close()
 
     config = meta_model.config.copy()
     config.dtype = _dtype_name(out_dtype)
