@@ -4,7 +4,8 @@ One file holds the hyper-parameters (``llama.*`` metadata keys), the tokenizer (
 and the tensors, each in its own ggml type: F32/F16/BF16 or a block-quantized type (Q4_1, Q8_0,
 Q4_K, ...). Reading maps llama.cpp's names to transformers' (names.HF_FROM_GGUF), dequantizes
 quantized tensors to float32 with gguf.quants.dequantize, and undoes the q/k row permutation
-llama.cpp's converter applied (names.llama_cpp_unpermute).
+llama.cpp's converter applied (names.interleaved_to_half_split, the inverse of
+names.llama_cpp_permute).
 
 GGUF lists a tensor's dims innermost first (ggml's ``ne``): a (out, in) weight is stored with
 shape [in, out]. The torch shape is that list reversed.
@@ -23,7 +24,7 @@ from torch import Tensor
 
 from ..configuration import LlamaConfig
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, ShapeMismatchError, UnsupportedCheckpointError
-from .names import GGUF_ROPE_FREQS, HF_FROM_GGUF, layer_index, llama_cpp_unpermute, map_name
+from .names import GGUF_ROPE_FREQS, HF_FROM_GGUF, interleaved_to_half_split, layer_index, map_name
 from .source import CheckpointSource
 
 GGUF_MAGIC = b"GGUF"
@@ -335,11 +336,7 @@ def _to_transformers_layout(name: str, tensor: Tensor, config: LlamaConfig, path
         heads = config.num_key_value_heads  # under GQA the key heads are permuted on their own
     else:
         return tensor
-    if tensor.shape[0] != heads * config.head_dim:
-        raise ShapeMismatchError(
-            f"{path}: {name} has {tensor.shape[0]} rows; expected {heads} heads x head_dim {config.head_dim}"
-        )
-    return llama_cpp_unpermute(tensor, heads)
+    return interleaved_to_half_split(tensor, heads, config.head_dim, f"{path}: {name}")
 
 
 __all__ = ["is_gguf_file", "read_gguf_checkpoint"]

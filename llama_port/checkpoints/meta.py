@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..configuration import LlamaConfig
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, ShapeMismatchError
-from .names import HF_FROM_META, META_IGNORED, META_SHARD_DIM, map_name, permute_for_rope, template_of
+from .names import HF_FROM_META, META_IGNORED, META_SHARD_DIM, interleaved_to_half_split, map_name, template_of
 from .source import CheckpointSource
 
 PARAMS_NAME = "params.json"
@@ -336,11 +336,7 @@ def _to_transformers_layout(name: str, tensor: Tensor, config: LlamaConfig, path
         heads = config.num_key_value_heads  # under GQA each key head is permuted on its own
     else:
         return tensor
-    if tensor.shape[0] != heads * config.head_dim:
-        raise ShapeMismatchError(
-            f"{path}: {name} has {tensor.shape[0]} rows; expected {heads} heads x head_dim {config.head_dim}"
-        )
-    return permute_for_rope(tensor, heads)
+    return interleaved_to_half_split(tensor, heads, config.head_dim, f"{path}: {name}")
 
 
 __all__ = [

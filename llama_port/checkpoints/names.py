@@ -21,7 +21,7 @@ from functools import lru_cache
 
 from torch import Tensor
 
-from .errors import UnsupportedCheckpointError
+from .errors import ShapeMismatchError, UnsupportedCheckpointError
 
 # ------------------------------------------------------------------------------ Meta's consolidated.*.pth
 HF_FROM_META: dict[str, str] = {
@@ -167,10 +167,20 @@ def llama_cpp_unpermute(w: Tensor, n_heads: int) -> Tensor:
     return permute_for_rope(w, n_heads)
 
 
+def interleaved_to_half_split(w: Tensor, n_heads: int, head_dim: int, where: str) -> Tensor:
+    """``permute_for_rope`` for a q/k tensor read from a Meta or GGUF file (both store Meta's
+    interleaved layout), after checking it holds n_heads x head_dim rows (ShapeMismatchError
+    naming ``where`` otherwise)."""
+    if w.shape[0] != n_heads * head_dim:
+        raise ShapeMismatchError(f"{where} has {w.shape[0]} rows; expected {n_heads} heads x head_dim {head_dim}")
+    return permute_for_rope(w, n_heads)
+
+
 __all__ = [
     "GGUF_ROPE_FREQS",
     "HF_FROM_GGUF",
     "HF_FROM_META",
+    "interleaved_to_half_split",
     "META_IGNORED",
     "META_SHARD_DIM",
     "layer_index",
