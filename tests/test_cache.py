@@ -10,16 +10,7 @@ from conftest import make_hf_model, make_port_model, report_max_diff, tiny_confi
 import llama_port
 from llama_port.cache import DynamicCache, StaticCache
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine a second OpenMP thread
-    waiting for a busy core makes every op wait for the scheduler (100x slower seen)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _kv(batch=2, heads=2, length=3, dim=16, fill=None):

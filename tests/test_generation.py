@@ -22,14 +22,7 @@ NEW_TOKENS = 64
 GEN_CONFIG = dict(max_position_embeddings=256)  # room for a prompt plus 64 new tokens
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine a second OpenMP thread
-    waiting for a busy core makes every op wait for the scheduler (100x slower seen)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=["eager", "sdpa"])
