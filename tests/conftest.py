@@ -75,7 +75,9 @@ def report_max_diff(label: str, diff: float) -> float:
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """torch on one thread for a test module (use with pytest.mark.usefixtures). Tiny models gain nothing from threads, and on a shared 2-core machine a second OpenMP thread
+    """torch on one thread for a test module (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+
+    Tiny models gain nothing from threads, and on a shared 2-core machine a second OpenMP thread
     waiting for a busy core makes every op wait for the scheduler (100x slower seen)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
