@@ -96,12 +96,14 @@ class LlamaRotaryEmbedding(nn.Module):
         inv_freq, self.attention_scaling = compute_inv_freq(config, device)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+        self._long_inv_freq: Tensor | None = None  # longrope's frequencies past the original context
 
     def reset_parameters(self) -> None:
         """Recompute the frequencies (after the module was built on the meta device)."""
         inv_freq, self.attention_scaling = compute_inv_freq(self.config, self.inv_freq.device)
         self.inv_freq = inv_freq
         self.original_inv_freq = inv_freq.clone()
+        self._long_inv_freq = None
         self.max_seq_len_cached = self.original_max_seq_len
 
     def _apply(self, fn, recurse: bool = True):
@@ -126,8 +128,9 @@ class LlamaRotaryEmbedding(nn.Module):
                 self.max_seq_len_cached = self.original_max_seq_len
         elif self.rope_type == "longrope":
             original_max = self.config.rope_parameters["original_max_position_embeddings"]
-            long_inv_freq, _ = compute_inv_freq(self.config, device, original_max + 1)
-            self.inv_freq = long_inv_freq if seq_len > original_max else self.original_inv_freq
+            if self._long_inv_freq is None or self._long_inv_freq.device != device:  # computed once
+                self._long_inv_freq, _ = compute_inv_freq(self.config, device, original_max + 1)
+            self.inv_freq = self._long_inv_freq if seq_len > original_max else self.original_inv_freq
 
     @torch.no_grad()
     def forward(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
