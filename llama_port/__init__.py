@@ -1,4 +1,8 @@
-"""llama_port: a readable PyTorch LLaMA whose logits are checked against transformers'."""
+"""llama_port: a readable PyTorch LLaMA whose logits are checked against transformers'.
+
+The public API. Importing it needs torch alone: checkpoint formats (llama_port.checkpoints), the
+parity tool (llama_port.parity) and the command line (llama_port.cli) are imported when used.
+"""
 
 from .cache import DynamicCache, StaticCache
 from .configuration import LlamaConfig, available_presets

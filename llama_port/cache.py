@@ -62,12 +62,6 @@ class DynamicCache:
         self.key_cache.clear()
         self.value_cache.clear()
 
-    def reorder(self, beam_idx: Tensor) -> None:
-        """Select/reorder batch rows (B,) in place."""
-        for i in range(len(self.key_cache)):
-            self.key_cache[i] = self.key_cache[i].index_select(0, beam_idx.to(self.key_cache[i].device))
-            self.value_cache[i] = self.value_cache[i].index_select(0, beam_idx.to(self.value_cache[i].device))
-
 
 class StaticCache:
     """A cache preallocated to (max_batch_size, Hkv, max_cache_len, D) per layer, written in place.

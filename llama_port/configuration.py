@@ -15,25 +15,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .activations import ACTIVATIONS
+from .dtypes import DTYPES
+from .rope import ROPE_TYPES
+
 CONFIG_NAME = "config.json"
 
-# The activations transformers' ACT2FN maps these names to, and which we implement alike.
-SUPPORTED_ACTIVATIONS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "relu")
-
-# rope_type -> keys rope_parameters must hold for it (rope_type and rope_theta always present).
-# Mirrors transformers' RotaryEmbeddingConfigMixin._validate_<type>_rope_parameters.
-ROPE_REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
-    "default": (),
-    "linear": ("factor",),
-    "dynamic": ("factor",),
-    "yarn": ("factor", "original_max_position_embeddings"),
-    "longrope": ("short_factor", "long_factor", "original_max_position_embeddings"),
-    "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"),
-}
-_ROPE_TYPES_WITH_ORIGINAL_MAX = ("llama3", "yarn", "longrope")
 DEFAULT_ROPE_THETA = 10_000.0
 
-_DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64", "auto")
+_DTYPE_NAMES = (*DTYPES, "auto")
 
 
 class LlamaConfig:
@@ -46,6 +36,9 @@ class LlamaConfig:
     """
 
     model_type = "llama"
+    # The attention backend of the model built from this config, as transformers keeps it: set by
+    # the model (LlamaPreTrainedModel), read by every attention layer, never saved.
+    _attn_implementation: str | None = None
 
     def __init__(
         self,
@@ -96,7 +89,7 @@ class LlamaConfig:
 
         # Legacy spellings: torch_dtype (transformers 4), rope_theta + rope_scaling (before transformers 5).
         legacy_dtype = kwargs.pop("torch_dtype", None)
-        self.dtype = _dtype_name(dtype if dtype is not None else legacy_dtype)
+        self.dtype = _dtype_field(dtype if dtype is not None else legacy_dtype)
         self.rope_parameters = _standardize_rope_parameters(
             rope_parameters,
             rope_scaling=kwargs.pop("rope_scaling", None),
@@ -133,8 +126,8 @@ class LlamaConfig:
             )
         if self.head_dim % 2 != 0:
             raise ValueError(f"LlamaConfig.head_dim={self.head_dim}; rotary embeddings need an even head_dim")
-        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
-            raise ValueError(f"LlamaConfig.hidden_act={self.hidden_act!r}; expected one of {list(SUPPORTED_ACTIVATIONS)}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"LlamaConfig.hidden_act={self.hidden_act!r}; expected one of {list(ACTIVATIONS)}")
         if not self.rms_norm_eps > 0:
             raise ValueError(f"LlamaConfig.rms_norm_eps={self.rms_norm_eps!r}; expected a positive number")
         if not 0.0 <= float(self.attention_dropout) < 1.0:
@@ -259,7 +252,7 @@ def _floordiv_or_none(a: Any, b: Any) -> Any:
     return a // b if isinstance(a, int) and isinstance(b, int) and b > 0 else None
 
 
-def _dtype_name(value: Any) -> str | None:
+def _dtype_field(value: Any) -> str | None:
     if value is None:
         return None
     name = str(value).removeprefix("torch.")
@@ -288,7 +281,8 @@ def _standardize_rope_parameters(
     params.setdefault("rope_type", params.pop("type", "default"))
     params.pop("type", None)
     params.setdefault("rope_theta", DEFAULT_ROPE_THETA if rope_theta is None else rope_theta)
-    if params["rope_type"] in _ROPE_TYPES_WITH_ORIGINAL_MAX:
+    rope_type = ROPE_TYPES.get(params["rope_type"])
+    if rope_type is not None and rope_type.uses_original_max:
         # As transformers: a top-level original_max_position_embeddings wins, else the dict's, else
         # max_position_embeddings.
         if top_level_original_max is not None:
@@ -298,15 +292,18 @@ def _standardize_rope_parameters(
 
 
 def _validate_rope_parameters(params: dict[str, Any], head_dim: int) -> None:
-    rope_type = params["rope_type"]
-    if rope_type not in ROPE_REQUIRED_KEYS:
+    """Against rope.ROPE_TYPES: a known type, its required keys, a positive theta and factor, and
+    the type's own checks."""
+    name = params["rope_type"]
+    if name not in ROPE_TYPES:
         raise ValueError(
-            f"LlamaConfig.rope_parameters['rope_type']={rope_type!r}; expected one of {sorted(ROPE_REQUIRED_KEYS)}"
+            f"LlamaConfig.rope_parameters['rope_type']={name!r}; expected one of {sorted(ROPE_TYPES)}"
         )
-    missing = [key for key in ROPE_REQUIRED_KEYS[rope_type] if params.get(key) is None]
+    rope_type = ROPE_TYPES[name]
+    missing = [key for key in rope_type.required_keys if params.get(key) is None]
     if missing:
         raise ValueError(
-            f"LlamaConfig.rope_parameters: rope_type {rope_type!r} needs {list(ROPE_REQUIRED_KEYS[rope_type])}; "
+            f"LlamaConfig.rope_parameters: rope_type {name!r} needs {list(rope_type.required_keys)}; "
             f"missing {missing}"
         )
     theta = params["rope_theta"]
@@ -315,18 +312,8 @@ def _validate_rope_parameters(params: dict[str, Any], head_dim: int) -> None:
     factor = params.get("factor")
     if factor is not None and (not isinstance(factor, (int, float)) or factor <= 0):
         raise ValueError(f"LlamaConfig.rope_parameters['factor']={factor!r}; expected a positive number")
-    if rope_type == "llama3" and not params["high_freq_factor"] > params["low_freq_factor"]:
-        raise ValueError(
-            "LlamaConfig.rope_parameters: llama3 needs high_freq_factor > low_freq_factor, got "
-            f"{params['high_freq_factor']} and {params['low_freq_factor']}"
-        )
-    if rope_type == "longrope":
-        for key in ("short_factor", "long_factor"):
-            if len(params[key]) != head_dim // 2:
-                raise ValueError(
-                    f"LlamaConfig.rope_parameters['{key}'] has {len(params[key])} entries; expected head_dim // 2 = "
-                    f"{head_dim // 2}"
-                )
+    if rope_type.check is not None:
+        rope_type.check(params, head_dim)
 
 
 def _legacy_rope_scaling(params: dict[str, Any]) -> dict[str, Any] | None:

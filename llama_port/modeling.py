@@ -8,33 +8,22 @@ transformers state dict loads with no renaming. This module knows nothing of che
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import (
-    AttentionBackend,
-    VarlenMask,
-    build_attention_mask,
-    default_attn_implementation,
-    get_backend,
-)
+from .activations import ACTIVATIONS
+from .attention import AttentionBackend, default_attn_implementation, get_backend
+from .attention.masks import BackendMask, PreparedMask, mask_for_forward
 from .cache import DynamicCache, KVCache
-from .checkpoints import CheckpointMixin
 from .configuration import LlamaConfig
 from .generation import GenerationMixin
-from .rope import apply_rotary_pos_emb, compute_inv_freq
-
-ACTIVATIONS = {
-    "silu": F.silu,
-    "swish": F.silu,
-    "gelu": F.gelu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
+from .rope import ROPE_TYPES, apply_rotary_pos_emb, compute_inv_freq
 
 
 @dataclass
@@ -81,29 +70,28 @@ class LlamaRMSNorm(nn.Module):
 class LlamaRotaryEmbedding(nn.Module):
     """RoPE: cos/sin (B, T, D) for given positions, from ``config.rope_parameters`` (see rope.py).
 
-    Dynamic NTK and longrope change their frequencies with the sequence length, statefully as in
-    transformers: dynamic grows its frequencies once positions pass the longest seen and resets
-    them when a short sequence comes back; longrope switches to its long factors past the
-    original context.
+    Rope types with an ``update`` in rope.ROPE_TYPES (dynamic NTK, longrope) change their
+    frequencies with the sequence length, statefully as in transformers; this module holds that
+    state (inv_freq, original_inv_freq, max_seq_len_cached, long_inv_freq).
     """
 
     def __init__(self, config: LlamaConfig, device: torch.device | None = None) -> None:
         super().__init__()
         self.config = config
-        self.rope_type = config.rope_parameters["rope_type"]
+        self.rope_type = ROPE_TYPES[config.rope_parameters["rope_type"]]
         self.max_seq_len_cached = config.max_position_embeddings
         self.original_max_seq_len = config.max_position_embeddings
         inv_freq, self.attention_scaling = compute_inv_freq(config, device)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
-        self._long_inv_freq: Tensor | None = None  # longrope's frequencies past the original context
+        self.long_inv_freq: Tensor | None = None  # longrope's frequencies past the original context
 
     def reset_parameters(self) -> None:
-        """Recompute the frequencies (after the module was built on the meta device)."""
+        """Recompute the frequencies on inv_freq's device (after the module was built on the meta device)."""
         inv_freq, self.attention_scaling = compute_inv_freq(self.config, self.inv_freq.device)
         self.inv_freq = inv_freq
         self.original_inv_freq = inv_freq.clone()
-        self._long_inv_freq = None
+        self.long_inv_freq = None
         self.max_seq_len_cached = self.original_max_seq_len
 
     def _apply(self, fn, recurse: bool = True):
@@ -115,28 +103,10 @@ class LlamaRotaryEmbedding(nn.Module):
         return self
 
     @torch.no_grad()
-    def _update_frequencies(self, position_ids: Tensor) -> None:
-        # parity: a tensor, as in transformers, so dynamic NTK computes its base in float32 too.
-        seq_len = torch.max(position_ids) + 1
-        device = self.inv_freq.device
-        if self.rope_type == "dynamic":
-            if seq_len > self.max_seq_len_cached:  # growth
-                self.inv_freq, self.attention_scaling = compute_inv_freq(self.config, device, seq_len)
-                self.max_seq_len_cached = int(seq_len)
-            if seq_len < self.original_max_seq_len < self.max_seq_len_cached:  # back to the trained range
-                self.inv_freq = self.original_inv_freq
-                self.max_seq_len_cached = self.original_max_seq_len
-        elif self.rope_type == "longrope":
-            original_max = self.config.rope_parameters["original_max_position_embeddings"]
-            if self._long_inv_freq is None or self._long_inv_freq.device != device:  # computed once
-                self._long_inv_freq, _ = compute_inv_freq(self.config, device, original_max + 1)
-            self.inv_freq = self._long_inv_freq if seq_len > original_max else self.original_inv_freq
-
-    @torch.no_grad()
     def forward(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
         """position_ids (B or 1, T) -> cos, sin (B or 1, T, D) in x's dtype."""
-        if self.rope_type in ("dynamic", "longrope"):
-            self._update_frequencies(position_ids)
+        if self.rope_type.update is not None:
+            self.rope_type.update(self, position_ids)
         device_type = x.device.type if x.device.type != "mps" else "cpu"
         # The angles are computed in float32 whatever the weights' dtype or an enclosing autocast:
         # positions times frequencies lose whole radians in bf16 at long context.
@@ -166,28 +136,33 @@ class LlamaMLP(nn.Module):
 
 class LlamaAttention(nn.Module):
     """Grouped-query self-attention (Ainslie et al. 2023) with RoPE: H query heads share Hkv
-    key/value heads (Hkv = H: multi-head; Hkv = 1: multi-query). The kernel is the backend's."""
+    key/value heads (Hkv = H: multi-head; Hkv = 1: multi-query). The kernel is the backend named by
+    ``config._attn_implementation``, the one place the model's choice is kept."""
 
-    def __init__(self, config: LlamaConfig, layer_idx: int, backend: AttentionBackend) -> None:
+    def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
+        self.config = config
         self.layer_idx = layer_idx
         self.head_dim = config.head_dim
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
-        self.backend = backend
         self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=config.attention_bias)
         self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
+
+    @property
+    def backend(self) -> AttentionBackend:
+        return get_backend(self.config._attn_implementation)
 
     def forward(
         self,
         hidden_states: Tensor,
         cos: Tensor,
         sin: Tensor,
-        mask: object,
+        mask: BackendMask,
         past_key_values: KVCache | None,
         cache_position: Tensor | None,
     ) -> tuple[Tensor, Tensor | None]:
@@ -217,10 +192,10 @@ class LlamaAttention(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """One pre-norm transformer block: x + attn(norm(x)), then h + mlp(norm(h))."""
 
-    def __init__(self, config: LlamaConfig, layer_idx: int, backend: AttentionBackend) -> None:
+    def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
         self.hidden_size = config.hidden_size
-        self.self_attn = LlamaAttention(config, layer_idx, backend)
+        self.self_attn = LlamaAttention(config, layer_idx)
         self.mlp = LlamaMLP(config)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -230,7 +205,7 @@ class LlamaDecoderLayer(nn.Module):
         hidden_states: Tensor,
         cos: Tensor,
         sin: Tensor,
-        mask: object,
+        mask: BackendMask,
         past_key_values: KVCache | None,
         cache_position: Tensor | None,
     ) -> tuple[Tensor, Tensor | None]:
@@ -247,10 +222,11 @@ class LlamaDecoderLayer(nn.Module):
         return hidden_states, attn_weights
 
 
-class LlamaPreTrainedModel(CheckpointMixin, nn.Module):
+class LlamaPreTrainedModel(nn.Module):
     """What LlamaModel and LlamaForCausalLM share: the config, the attention backend, weight
-    initialisation as transformers does it, gradient checkpointing, parameter counts, and
-    ``from_pretrained`` / ``save_pretrained`` (from llama_port.checkpoints)."""
+    initialisation as transformers does it, gradient checkpointing, parameter counts, and the
+    ``from_pretrained`` / ``save_pretrained`` entry points, which hand over to llama_port.checkpoints
+    (imported when called: the model itself knows no file format)."""
 
     config: LlamaConfig
 
@@ -262,23 +238,50 @@ class LlamaPreTrainedModel(CheckpointMixin, nn.Module):
         if attn_implementation is None:
             # Chosen from where the parameters are about to be created (torch's default device/dtype).
             attn_implementation = default_attn_implementation(torch.get_default_device(), torch.get_default_dtype())
-        self.attn_implementation = attn_implementation
-        self.attention_backend = get_backend(attn_implementation)
+        get_backend(attn_implementation)  # an unknown name fails before the config is touched
+        config._attn_implementation = attn_implementation
+
+    # --------------------------------------------------------------------------------- checkpoints
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **options):
+        """Load a checkpoint (a local folder or file in any supported format, or a Hub repo id) into
+        this class; eval mode. ``options`` are llama_port.checkpoints.load_pretrained's (dtype,
+        device, device_map, attn_implementation, strict, revision, ...), documented there."""
+        from .checkpoints.loading import load_pretrained
+
+        return load_pretrained(cls, name_or_path, **options)
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB", safe_serialization: bool = True
+    ) -> Path:
+        """Write config.json and the weights (safetensors, sharded past ``max_shard_size``) as
+        transformers does; ``safe_serialization=False`` writes pytorch_model*.bin. Returns the folder."""
+        from .checkpoints.saving import save_pretrained
+
+        return save_pretrained(self, save_directory, max_shard_size=max_shard_size, safe_serialization=safe_serialization)
 
     # -------------------------------------------------------------------------- attention backend
+    @property
+    def attn_implementation(self) -> str:
+        """The attention backend's name (kept in ``config._attn_implementation``, shared by every layer)."""
+        return self.config._attn_implementation
+
+    @property
+    def attention_backend(self) -> AttentionBackend:
+        return get_backend(self.config._attn_implementation)
+
     def set_attn_implementation(self, name: str) -> None:
         """Switch every layer to the backend called ``name`` (ValueError for an unknown one)."""
         backend = get_backend(name)
         if backend.check_available is not None:
             backend.check_available(self._device_or_none())
-        self.attn_implementation = name
-        self.attention_backend = backend
-        for module in self.modules():
-            if isinstance(module, LlamaAttention):
-                module.backend = backend
-            elif isinstance(module, LlamaPreTrainedModel):
-                module.attn_implementation = name
-                module.attention_backend = backend
+        self.config._attn_implementation = name
+
+    def _check_backend_available(self) -> None:
+        """Raise if the chosen backend cannot run where the parameters are (flash without CUDA)."""
+        backend = self.attention_backend
+        if backend.check_available is not None:
+            backend.check_available(self._device_or_none())
 
     def _device_or_none(self) -> torch.device | None:
         param = next(self.parameters(), None)
@@ -355,16 +358,13 @@ class LlamaModel(LlamaPreTrainedModel):
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList(
-            [LlamaDecoderLayer(config, i, self.attention_backend) for i in range(config.num_hidden_layers)]
-        )
+        self.layers = nn.ModuleList([LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config)
         self.gradient_checkpointing = False
         if type(self) is LlamaModel:
             self.init_weights()
-            if self.attention_backend.check_available is not None:
-                self.attention_backend.check_available(self._device_or_none())
+            self._check_backend_available()
 
     def forward(
         self,
@@ -381,8 +381,7 @@ class LlamaModel(LlamaPreTrainedModel):
         """input_ids (B, T) or inputs_embeds (B, T, C), exactly one.
 
         attention_mask: (B, S) 1 for real tokens, 0 for padding (left or right), S = cached + T; or
-            a mask already in the backend's ``mask_format`` (a (B, 1, T, S) tensor, or a VarlenMask),
-            used as given (generate()'s decode step passes one with ``cache_position``).
+            a PreparedMask already in the backend's format, used as given (generate()'s decode step).
         position_ids: (B, T); default: positions after the cached tokens (for left padding pass
             ``attention_mask.cumsum(-1) - 1`` as generate() does).
         past_key_values: a DynamicCache or StaticCache to read and extend; with ``use_cache`` and
@@ -391,10 +390,11 @@ class LlamaModel(LlamaPreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if output_attentions and not self.attention_backend.returns_weights:
+        backend = self.attention_backend
+        if output_attentions and not backend.returns_weights:
             raise ValueError(
                 f"output_attentions=True needs attention weights, which attn_implementation="
-                f"{self.attn_implementation!r} does not compute; use attn_implementation='eager'"
+                f"{backend.name!r} does not compute; use attn_implementation='eager'"
             )
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, C)
@@ -408,37 +408,27 @@ class LlamaModel(LlamaPreTrainedModel):
             past_key_values = DynamicCache()
 
         batch_size, q_length = inputs_embeds.shape[:2]
-        # A mask already in the backend's mask_format (4-D, or a VarlenMask) comes from a caller that
-        # keeps it up to date (generate()'s decode step). With cache_position given too, the cache's
-        # host bookkeeping is not read, so a compiled decode step does not specialise on each position.
-        prepared_mask = isinstance(attention_mask, VarlenMask) or (
-            attention_mask is not None and attention_mask.ndim == 4
-        )
+        prepared = _check_attention_mask(attention_mask, backend)
+        # A prepared mask plus cache_position (generate()'s decode step) says where the tokens go, so
+        # the cache's host bookkeeping is not read and a compiled step does not specialise on it.
         past_seen = 0
-        if past_key_values is not None and not (prepared_mask and cache_position is not None):
+        if past_key_values is not None and not (prepared is not None and cache_position is not None):
             past_seen = past_key_values.get_seq_length()
         if cache_position is None:
             cache_position = torch.arange(past_seen, past_seen + q_length, device=inputs_embeds.device)
         if position_ids is None:
             position_ids = cache_position.unsqueeze(0)  # (1, T)
-
-        if prepared_mask:
-            mask = attention_mask
+        if prepared is not None:
+            mask = prepared.value
         else:
-            if past_key_values is not None:
-                kv_length = past_key_values.kv_length(q_length)
-            else:
-                kv_length = attention_mask.shape[-1] if attention_mask is not None else q_length
-            mask = build_attention_mask(
-                self.attention_backend.mask_format,
+            mask = mask_for_forward(
+                backend.mask_format,
+                attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                past_seen=past_seen,
                 batch_size=batch_size,
                 q_length=q_length,
-                kv_length=kv_length,
-                q_offset=past_seen,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                has_cache=past_key_values is not None,
-                static_cache=getattr(past_key_values, "is_static", False),
                 dtype=inputs_embeds.dtype,
                 device=inputs_embeds.device,
             )
@@ -481,8 +471,7 @@ class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.init_weights()
-        if self.attention_backend.check_available is not None:
-            self.attention_backend.check_available(self._device_or_none())
+        self._check_backend_available()
 
     def tie_weights(self) -> None:
         """With ``tie_word_embeddings``, lm_head and embed_tokens share one tensor."""
@@ -539,6 +528,24 @@ class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+
+def _check_attention_mask(attention_mask: Tensor | PreparedMask | None, backend: AttentionBackend) -> PreparedMask | None:
+    """The PreparedMask when one is given (checked against the backend's format), else None after
+    checking that ``attention_mask`` is a (B, S) padding mask or None."""
+    if isinstance(attention_mask, PreparedMask):
+        if attention_mask.mask_format != backend.mask_format:
+            raise ValueError(
+                f"attention_mask is a PreparedMask in format {attention_mask.mask_format!r}, but "
+                f"attn_implementation={backend.name!r} takes {backend.mask_format!r}"
+            )
+        return attention_mask
+    if attention_mask is not None and attention_mask.ndim != 2:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}; expected a (B, S) padding mask "
+            "(1 = real token, 0 = padding) or a llama_port.attention.masks.PreparedMask"
+        )
+    return None
 
 
 def _keep_positions(hidden_states: Tensor, logits_to_keep: int | Tensor) -> Tensor:

@@ -1,4 +1,10 @@
-"""Rotary position embedding (RoPE, Su et al. 2021): inverse frequencies per rope type, and their use.
+"""Rotary position embedding (RoPE, Su et al. 2021): everything about each rope type, and its use.
+
+``ROPE_TYPES`` is the one table of rope types: for each, the function computing its inverse
+frequencies, the keys ``rope_parameters`` must hold, and its behaviour flags (whether its
+frequencies change with the position, whether it extrapolates past max_position_embeddings).
+configuration.py validates against it, the model's rotary module and generate() read its flags:
+a new rope type is one function here and one row in the table.
 
 Each ``*_inv_freq`` function maps a config to ``(inv_freq (D/2,) float32, attention_scaling)``,
 where ``attention_scaling`` multiplies cos and sin (only yarn and longrope use it). They repeat the
@@ -10,11 +16,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
 
-from .configuration import LlamaConfig
+if TYPE_CHECKING:  # annotations only: configuration.py reads this module's table
+    from .configuration import LlamaConfig
 
 RopeInit = Callable[..., tuple[Tensor, float]]
 
@@ -132,13 +141,106 @@ def llama3_inv_freq(config: LlamaConfig, device: torch.device | None = None, seq
     return torch.where(is_medium_freq, smoothed_inv_freq, inv_freq_llama), 1.0
 
 
-ROPE_INIT_FUNCTIONS: dict[str, RopeInit] = {
-    "default": default_inv_freq,
-    "linear": linear_inv_freq,
-    "dynamic": dynamic_inv_freq,
-    "yarn": yarn_inv_freq,
-    "longrope": longrope_inv_freq,
-    "llama3": llama3_inv_freq,
+class RotaryState(Protocol):
+    """What a position-dependent rope type updates: the rotary module's frequency state."""
+
+    config: Any
+    inv_freq: Tensor
+    original_inv_freq: Tensor
+    attention_scaling: float
+    max_seq_len_cached: int
+    original_max_seq_len: int
+    long_inv_freq: Tensor | None
+
+
+@torch.no_grad()
+def dynamic_update(rotary: RotaryState, position_ids: Tensor) -> None:
+    """Dynamic NTK, statefully as transformers: the frequencies grow once positions pass the longest
+    seen, and return to the trained ones when a sequence inside the trained range comes back."""
+    # parity: a tensor, as in transformers, so dynamic NTK computes its base in float32 too.
+    seq_len = torch.max(position_ids) + 1
+    if seq_len > rotary.max_seq_len_cached:  # growth
+        rotary.inv_freq, rotary.attention_scaling = compute_inv_freq(rotary.config, rotary.inv_freq.device, seq_len)
+        rotary.max_seq_len_cached = int(seq_len)
+    if seq_len < rotary.original_max_seq_len < rotary.max_seq_len_cached:  # back to the trained range
+        rotary.inv_freq = rotary.original_inv_freq
+        rotary.max_seq_len_cached = rotary.original_max_seq_len
+
+
+@torch.no_grad()
+def longrope_update(rotary: RotaryState, position_ids: Tensor) -> None:
+    """LongRoPE: the long factors past the original context, the short ones within it."""
+    seq_len = torch.max(position_ids) + 1
+    original_max = rotary.config.rope_parameters["original_max_position_embeddings"]
+    device = rotary.inv_freq.device
+    if rotary.long_inv_freq is None or rotary.long_inv_freq.device != device:  # computed once
+        rotary.long_inv_freq, _ = compute_inv_freq(rotary.config, device, original_max + 1)
+    rotary.inv_freq = rotary.long_inv_freq if seq_len > original_max else rotary.original_inv_freq
+
+
+def _check_llama3(params: dict[str, Any], head_dim: int) -> None:
+    if not params["high_freq_factor"] > params["low_freq_factor"]:
+        raise ValueError(
+            "LlamaConfig.rope_parameters: llama3 needs high_freq_factor > low_freq_factor, got "
+            f"{params['high_freq_factor']} and {params['low_freq_factor']}"
+        )
+
+
+def _check_longrope(params: dict[str, Any], head_dim: int) -> None:
+    for key in ("short_factor", "long_factor"):
+        if len(params[key]) != head_dim // 2:
+            raise ValueError(
+                f"LlamaConfig.rope_parameters['{key}'] has {len(params[key])} entries; expected head_dim // 2 = "
+                f"{head_dim // 2}"
+            )
+
+
+@dataclass(frozen=True)
+class RopeType:
+    """One rope type.
+
+    init: ``(config, device, seq_len) -> (inv_freq (D/2,) float32, attention_scaling)``.
+    required_keys: keys rope_parameters must hold (rope_type and rope_theta always do); mirrors
+        transformers' ``_validate_<type>_rope_parameters``.
+    uses_original_max: ``original_max_position_embeddings`` belongs in rope_parameters (filled from
+        the top-level key or max_position_embeddings when absent, as transformers standardises it).
+    update: called with the rotary module and the positions before each forward, for types whose
+        frequencies depend on the sequence length; None for the others. A type with an update is
+        position-dependent: one compiled decode graph cannot capture it.
+    extrapolates: generating past max_position_embeddings is allowed (with a warning).
+    check: extra validation of rope_parameters beyond the required keys (ValueError naming the key).
+    """
+
+    init: RopeInit
+    required_keys: tuple[str, ...] = ()
+    uses_original_max: bool = False
+    update: Callable[[RotaryState, Tensor], None] | None = None
+    extrapolates: bool = False
+    check: Callable[[dict[str, Any], int], None] | None = None
+
+    @property
+    def position_dependent(self) -> bool:
+        return self.update is not None
+
+
+ROPE_TYPES: dict[str, RopeType] = {
+    "default": RopeType(default_inv_freq),
+    "linear": RopeType(linear_inv_freq, ("factor",)),
+    "dynamic": RopeType(dynamic_inv_freq, ("factor",), update=dynamic_update, extrapolates=True),
+    "yarn": RopeType(yarn_inv_freq, ("factor", "original_max_position_embeddings"), uses_original_max=True),
+    "longrope": RopeType(
+        longrope_inv_freq,
+        ("short_factor", "long_factor", "original_max_position_embeddings"),
+        uses_original_max=True,
+        update=longrope_update,
+        check=_check_longrope,
+    ),
+    "llama3": RopeType(
+        llama3_inv_freq,
+        ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"),
+        uses_original_max=True,
+        check=_check_llama3,
+    ),
 }
 
 
@@ -146,7 +248,7 @@ def compute_inv_freq(
     config: LlamaConfig, device: torch.device | None = None, seq_len: int | Tensor | None = None
 ) -> tuple[Tensor, float]:
     """``(inv_freq (head_dim/2,) float32, attention_scaling)`` for ``config.rope_parameters``."""
-    return ROPE_INIT_FUNCTIONS[config.rope_parameters["rope_type"]](config, device, seq_len)
+    return ROPE_TYPES[config.rope_parameters["rope_type"]].init(config, device, seq_len)
 
 
 def rotate_half(x: Tensor) -> Tensor:

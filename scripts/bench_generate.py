@@ -3,7 +3,7 @@
     python scripts/bench_generate.py [CHECKPOINT] [--threads N] [--new-tokens 128]
         [--prefill-tokens 512] [--repeats 3] [--no-compile] [--json PATH|-]
 
-The same code as ``llama-port bench`` (llama_port/generation_cli.py); see its docstring for how
+The same code as ``llama-port bench`` (llama_port/generation/benchmark.py); see its docstring for how
 the timings are taken. Without CHECKPOINT: the embedded SmolLM2-135M-Instruct GGUF.
 """
 

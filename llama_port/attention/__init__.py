@@ -6,7 +6,8 @@ Every backend is a plain function
 
 with query (B, H, T, D) and key/value (B, Hkv, S, D), S = cached + T. ``module`` is the
 LlamaAttention layer (num_key_value_groups, head_dim, layer_idx, training). What ``mask`` is
-depends on the backend's ``mask_format`` (see ``masks.py``); the model builds it once per forward.
+depends on the backend's ``mask_format``; masks.py builds (and, for the decode loop, updates)
+every format, once per forward. A new backend is one file here and one ``register_backend`` line.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from .flash import (
     flash_attn_is_usable,
     flash_reference_forward,
 )
-from .masks import VarlenMask, build_attention_mask
+from .masks import BackendMask, DecodeMask, PreparedMask, VarlenMask, build_attention_mask, mask_for_forward
 from .sdpa import sdpa_attention_forward
 
 logger = logging.getLogger("llama_port")
 
-AttentionFn = Callable[[nn.Module, Tensor, Tensor, Tensor, object, float, float], tuple[Tensor, Tensor | None]]
+AttentionFn = Callable[[nn.Module, Tensor, Tensor, Tensor, BackendMask, float, float], tuple[Tensor, Tensor | None]]
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class AttentionBackend:
     check_available: called when a model selects the backend, with the model's device; raises a
         clear error if the backend cannot run there (missing package, no CUDA).
     returns_weights: whether ``output_attentions`` can be honoured.
+    reference_name: transformers' attn_implementation computing the same attention (what the
+        parity tool runs the reference with).
     """
 
     name: str
@@ -48,6 +51,11 @@ class AttentionBackend:
     mask_format: str
     check_available: Callable[[torch.device | None], None] | None = None
     returns_weights: bool = False
+    reference_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.reference_name is None:
+            object.__setattr__(self, "reference_name", self.name)
 
 
 BACKENDS: dict[str, AttentionBackend] = {}
@@ -70,7 +78,8 @@ register_backend(AttentionBackend("sdpa", sdpa_attention_forward, "bool"))
 register_backend(
     AttentionBackend("flash_attention_2", flash_attention_2_forward, "varlen", check_flash_attention_2_available)
 )
-register_backend(AttentionBackend("flash_reference", flash_reference_forward, "varlen"))
+# transformers has no pure-PyTorch flash kernel: sdpa is the same attention on any device.
+register_backend(AttentionBackend("flash_reference", flash_reference_forward, "varlen", reference_name="sdpa"))
 
 _announced: set[str] = set()
 
@@ -86,12 +95,17 @@ def default_attn_implementation(device: torch.device | None, dtype: torch.dtype 
         logger.info("llama_port: attention backend %s (device=%s, dtype=%s)", name, device, dtype)
     return name
 
+
 __all__ = [
     "AttentionBackend",
     "BACKENDS",
+    "BackendMask",
+    "DecodeMask",
+    "PreparedMask",
     "VarlenMask",
     "build_attention_mask",
     "default_attn_implementation",
     "get_backend",
+    "mask_for_forward",
     "register_backend",
 ]

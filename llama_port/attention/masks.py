@@ -1,4 +1,4 @@
-"""The masks the model hands to attention backends.
+"""Every mask the model hands to attention backends is built, and updated, here.
 
 Every backend has the same signature (see ``llama_port.attention``); what differs is the form of
 ``mask`` it wants, declared by ``AttentionBackend.mask_format``:
@@ -9,6 +9,11 @@ Every backend has the same signature (see ``llama_port.attention``); what differ
   plain causal attention is exact (no padding, no packing), so SDPA can use its fused causal path.
 * ``"varlen"`` (flash_attention_2, flash_reference): a :class:`VarlenMask`, which the flash kernels
   turn into cu_seqlens for ``flash_attn_varlen_func``.
+
+Three entry points: :func:`mask_for_forward` is what ``LlamaModel.forward`` calls with the user's
+(B, S) padding mask; :class:`DecodeMask` is the mask of a static-cache decode loop, built once and
+updated in place one column per token; :class:`PreparedMask` carries a mask already in a backend's
+format into ``forward`` (what the decode loop passes), so forward never guesses what a tensor is.
 """
 
 from __future__ import annotations
@@ -41,6 +46,19 @@ class VarlenMask:
     packed_max_seqlen: int | None = None
 
 
+# What a backend's ``mask`` argument holds, by mask_format: additive / bool tensor, None, VarlenMask.
+BackendMask = Tensor | VarlenMask | None
+
+
+@dataclass(frozen=True)
+class PreparedMask:
+    """A mask already in a backend's ``mask_format``; ``LlamaModel.forward`` hands ``value`` to the
+    attention layers as is and, given ``cache_position`` too, reads no host-side cache state."""
+
+    mask_format: str
+    value: BackendMask
+
+
 def find_packed_documents(position_ids: Tensor) -> Tensor | None:
     """(B, T) positions -> (B, T) document index per token, or None when each row is one document.
 
@@ -68,7 +86,7 @@ def build_attention_mask(
     static_cache: bool,
     dtype: torch.dtype,
     device: torch.device,
-) -> Tensor | VarlenMask | None:
+) -> BackendMask:
     """The mask for ``mask_format`` (see the module docstring), built once per forward.
 
     attention_mask: (B, >= seen + T) 2-D padding mask, 1 for real tokens, or None.
@@ -108,6 +126,78 @@ def build_attention_mask(
     if mask_format == "additive":
         return torch.where(allowed, torch.zeros((), device=device, dtype=dtype), torch.finfo(dtype).min)
     raise ValueError(f"mask_format={mask_format!r}; expected one of {list(MASK_FORMATS)}")
+
+
+def mask_for_forward(
+    mask_format: str,
+    attention_mask: Tensor | None,
+    *,
+    position_ids: Tensor,
+    past_key_values: object | None,
+    past_seen: int,
+    batch_size: int,
+    q_length: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> BackendMask:
+    """The mask of one forward over T = q_length new tokens, from the user's padding mask.
+
+    attention_mask: (B, S) 1 for real tokens, 0 for padding (S = cached + T), or None.
+    past_key_values: the KV cache the forward reads (its ``kv_length`` sizes the keys; a static
+        cache's unwritten slots are masked), or None. past_seen: tokens already in it.
+    """
+    if past_key_values is not None:
+        kv_length = past_key_values.kv_length(q_length)
+    else:
+        kv_length = attention_mask.shape[-1] if attention_mask is not None else q_length
+    return build_attention_mask(
+        mask_format,
+        batch_size=batch_size,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=past_seen,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        has_cache=past_key_values is not None,
+        static_cache=getattr(past_key_values, "is_static", False),
+        dtype=dtype,
+        device=device,
+    )
+
+
+class DecodeMask:
+    """The mask of a static-cache decode loop, built once and updated in place.
+
+    Holds a (B, S) key mask over the whole cache (the prompt's padding, then unwritten slots False)
+    and its view in ``mask_format``: bool (B, 1, 1, S) sharing the key mask's memory, additive
+    (B, 1, 1, S) in ``dtype``, or a VarlenMask over the key mask. A single query token needs no
+    causal part (every written slot is in its past), so opening its slot is the only update there
+    is, and the tensors keep their addresses: what a compiled (CUDA-graph) decode step needs.
+    """
+
+    def __init__(self, mask_format: str, prompt_mask: Tensor, cache_len: int, dtype: torch.dtype) -> None:
+        batch, prompt_length = prompt_mask.shape
+        device = prompt_mask.device
+        self.key_mask = torch.zeros(batch, cache_len, dtype=torch.bool, device=device)  # (B, S)
+        self.key_mask[:, :prompt_length] = prompt_mask.bool()
+        self.additive: Tensor | None = None
+        if mask_format == "bool":
+            value: BackendMask = self.key_mask[:, None, None, :]  # (B, 1, 1, S) view: updates show through
+        elif mask_format == "additive":
+            self.additive = torch.full((batch, 1, 1, cache_len), torch.finfo(dtype).min, dtype=dtype, device=device)
+            self.additive.masked_fill_(self.key_mask[:, None, None, :], 0.0)
+            value = self.additive  # (B, 1, 1, S)
+        elif mask_format == "varlen":
+            value = VarlenMask(key_padding_mask=self.key_mask)
+        else:
+            raise ValueError(f"mask_format={mask_format!r}; expected one of {list(MASK_FORMATS)}")
+        self.prepared = PreparedMask(mask_format, value)
+
+    def open(self, cache_position: Tensor) -> None:
+        """Make the key at slot ``cache_position`` (1,) visible: the new token attends to itself."""
+        self.key_mask.index_fill_(1, cache_position, True)
+        if self.additive is not None:
+            self.additive.index_fill_(-1, cache_position, 0.0)
 
 
 def _plain_causal_is_exact(padding: Tensor | None, q_length: int, kv_length: int, q_offset: int) -> bool:

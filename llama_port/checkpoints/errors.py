@@ -51,6 +51,12 @@ class UnexpectedKeysError(KeysError):
     """Tensors in the checkpoint that the model has no place for (``strict=False`` allows them)."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name when empty), for one-line errors."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
 def format_keys(keys: Iterable[str], limit: int = 20) -> str:
     """``['a', 'b', ...]`` with at most ``limit`` names and a count of the rest."""
     keys = sorted(keys)
@@ -69,5 +75,6 @@ __all__ = [
     "UnexpectedKeysError",
     "UnsafeCheckpointError",
     "UnsupportedCheckpointError",
+    "first_line",
     "format_keys",
 ]

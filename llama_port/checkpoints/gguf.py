@@ -4,8 +4,7 @@ One file holds the hyper-parameters (``llama.*`` metadata keys), the tokenizer (
 and the tensors, each in its own ggml type: F32/F16/BF16 or a block-quantized type (Q4_1, Q8_0,
 Q4_K, ...). Reading maps llama.cpp's names to transformers' (names.HF_FROM_GGUF), dequantizes
 quantized tensors to float32 with gguf.quants.dequantize, and undoes the q/k row permutation
-llama.cpp's converter applied (names.interleaved_to_half_split, the inverse of
-names.llama_cpp_permute).
+llama.cpp's converter applied (names.interleaved_to_half_split).
 
 GGUF lists a tensor's dims innermost first (ggml's ``ne``): a (out, in) weight is stored with
 shape [in, out]. The torch shape is that list reversed.

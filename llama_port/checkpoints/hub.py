@@ -31,6 +31,7 @@ from .errors import (
     CorruptCheckpointError,
     UnsafeCheckpointError,
     UnsupportedCheckpointError,
+    first_line,
 )
 from .source import CheckpointSource
 
@@ -346,20 +347,15 @@ def load_bin(path: Path) -> dict[str, Tensor]:
     except pickle.UnpicklingError as err:
         if "weights_only" in str(err) or "Weights only load failed" in str(err):
             raise UnsafeCheckpointError(
-                f"{path}: refused: the pickle would call code on load ({_first_line(err)}); "
+                f"{path}: refused: the pickle would call code on load ({first_line(err)}); "
                 "only tensors and plain containers are accepted (convert it to safetensors from a trusted copy)"
             ) from err
-        raise CorruptCheckpointError(f"{path}: not a readable PyTorch file ({_first_line(err)})") from err
+        raise CorruptCheckpointError(f"{path}: not a readable PyTorch file ({first_line(err)})") from err
     except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CorruptCheckpointError(f"{path}: not a readable PyTorch file ({_first_line(err)})") from err
+        raise CorruptCheckpointError(f"{path}: not a readable PyTorch file ({first_line(err)})") from err
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
         raise CorruptCheckpointError(f"{path}: holds a {type(state).__name__}, not a {{name: tensor}} state dict")
     return state
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 def _bin_source(

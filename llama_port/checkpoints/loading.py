@@ -28,15 +28,13 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from ..attention import default_attn_implementation, get_backend
+from ..dtypes import dtype_name, parse_dtype
+from ..modeling import LlamaRotaryEmbedding
 from .errors import MissingKeysError, ShapeMismatchError, UnexpectedKeysError, format_keys
+from .resolve import HubOptions, open_checkpoint
 from .source import CheckpointSource
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
 ACCELERATE_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 NO_SPLIT_MODULES = ["LlamaDecoderLayer"]
 # Older checkpoints saved the rotary frequencies; they are recomputed from the config instead.
@@ -78,8 +76,6 @@ def load_pretrained(
 
     Returns the model in eval mode. Raises the errors of llama_port.checkpoints.errors.
     """
-    from ..attention import get_backend
-
     requested_dtype = parse_dtype(dtype, torch_dtype)
     if device is not None and device_map is not None:
         raise ValueError(f"pass device= or device_map=, not both (got device={device!r}, device_map={device_map!r})")
@@ -88,11 +84,8 @@ def load_pretrained(
     if isinstance(name_or_path, CheckpointSource):
         source = name_or_path
     else:
-        from .resolve import open_checkpoint
-
-        source = open_checkpoint(
-            name_or_path, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only
-        )
+        hub = HubOptions(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
+        source = open_checkpoint(name_or_path, hub)
     target_dtype = requested_dtype or source.dtype
     if not target_dtype.is_floating_point:
         target_dtype = torch.float32
@@ -104,7 +97,7 @@ def load_pretrained(
     placement = plan_placement(model, target_dtype, device, device_map, max_memory, offload_folder)
 
     params = dict(model.named_parameters())  # the meta parameters, each shared one once
-    aliases = _tied_aliases(model)
+    aliases = tied_aliases(model)
     loaded, unexpected, heads = _load_tensors(model, params, aliases, source, placement, progress)
     _settle_tied_heads(model, params, aliases, heads, loaded, placement, source)
     _check_keys(model, params, source, loaded, unexpected, strict, placement)
@@ -122,30 +115,11 @@ def load_pretrained(
         model.set_attn_implementation(attn_implementation)
     elif attn_implementation is None:
         # Nothing asked for: now that device and dtype are known, flash_attention_2 when it can run.
-        from ..attention import default_attn_implementation
-
         chosen = default_attn_implementation(model.device, target_dtype)
         if chosen != model.attn_implementation:
             model.set_attn_implementation(chosen)
-    model.config.dtype = str(target_dtype).removeprefix("torch.")
+    model.config.dtype = dtype_name(target_dtype)
     return model.eval()
-
-
-def parse_dtype(dtype: str | torch.dtype | None, torch_dtype: str | torch.dtype | None = None) -> torch.dtype | None:
-    """The requested floating dtype, or None for "auto". ``torch_dtype`` is dtype's older name."""
-    if torch_dtype is not None:
-        if dtype not in (None, "auto") and parse_dtype(dtype) != parse_dtype(torch_dtype):
-            raise ValueError(
-                f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass one (torch_dtype is dtype's old name)"
-            )
-        dtype = torch_dtype
-    if dtype is None or dtype == "auto":
-        return None
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
-        return DTYPES[dtype.removeprefix("torch.")]
-    raise ValueError(f"dtype={dtype!r}; expected 'auto', one of {sorted(DTYPES)} or the torch dtype itself")
 
 
 def build_meta_model(cls: type, config: Any, dtype: torch.dtype, attn_implementation: str | None) -> nn.Module:
@@ -368,7 +342,7 @@ def _set_parameter(model: nn.Module, name: str, value: nn.Parameter) -> None:
     model.get_submodule(module_name)._parameters[attr] = value
 
 
-def _tied_aliases(model: nn.Module) -> dict[str, str]:
+def tied_aliases(model: nn.Module) -> dict[str, str]:
     """{second name: first name} for parameters shared under two names (lm_head.weight when tied)."""
     first: dict[int, str] = {}
     aliases = {}
@@ -407,6 +381,27 @@ def _config_summary(config: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------------ after
+def settle_tied_head(alias: str, target: str, head: Tensor, embedding: Tensor | None, config: Any, where: Path) -> str | None:
+    """Where a head found in the checkpoint under a tied ``alias`` goes, as transformers settles it.
+
+    embedding: the tensor ``alias`` is tied to (``target``), None when the checkpoint lacks it.
+    Returns ``target`` (no embedding: the head is the shared tensor), None (equal to the embedding:
+    it stays tied) or ``alias`` (different: the two are untied, with a warning, and
+    ``config.tie_word_embeddings`` set False). Loading and converting both decide here.
+    """
+    if embedding is None:
+        return target
+    if embedding.is_meta or torch.equal(embedding, head.to(device=embedding.device, dtype=embedding.dtype)):
+        return None
+    warnings.warn(
+        f"{where}: tie_word_embeddings is set but {alias} differs from {target}; loading both untied, "
+        "as transformers does",
+        stacklevel=5,
+    )
+    config.tie_word_embeddings = False
+    return alias
+
+
 def _settle_tied_heads(
     model: nn.Module,
     params: dict[str, Tensor],
@@ -416,25 +411,14 @@ def _settle_tied_heads(
     placement: Placement,
     source: CheckpointSource,
 ) -> None:
-    """A tied config whose checkpoint also holds the head, as transformers settles it: equal to the
-    embedding, it stays tied; different, the two are untied and both loaded; alone, it is the
-    shared tensor."""
+    """Place each head found under a tied alias where settle_tied_head says."""
     for alias, tensor in heads.items():
         target = aliases[alias]
-        if target not in loaded:
-            _place(model, target, params[target], tensor, placement, source.owns_tensors)
+        embedding = model.get_parameter(target) if target in loaded else None
+        name = settle_tied_head(alias, target, tensor, embedding, model.config, source.file_of(alias))
+        if name is not None:
+            _place(model, name, params[target], tensor, placement, source.owns_tensors)
             loaded.add(target)
-            continue
-        current = model.get_parameter(target)
-        if current.is_meta or torch.equal(current, tensor.to(device=current.device, dtype=current.dtype)):
-            continue
-        warnings.warn(
-            f"{source.file_of(alias)}: tie_word_embeddings is set but {alias} differs from {target}; "
-            "loading both untied, as transformers does",
-            stacklevel=4,
-        )
-        model.config.tie_word_embeddings = False
-        _place(model, alias, params[target], tensor, placement, source.owns_tensors)
 
 
 def _check_keys(
@@ -515,8 +499,6 @@ def _init_missing(model: nn.Module, name: str, param: Tensor, placement: Placeme
 
 def _materialize_buffers(model: nn.Module, placement: Placement) -> None:
     """Recompute the rotary frequencies, which are never in a checkpoint (non-persistent buffers)."""
-    from ..modeling import LlamaRotaryEmbedding
-
     for name, module in model.named_modules():
         if isinstance(module, LlamaRotaryEmbedding):
             device = placement.device_for(f"{name}.inv_freq" if name else "inv_freq")
@@ -545,24 +527,3 @@ def progress_bar(total: int, desc: str, progress: bool | None) -> Any:
     except ImportError:
         return None
     return tqdm(total=total, desc=desc, unit="group", leave=False)
-
-
-class CheckpointMixin:
-    """Adds ``from_pretrained`` / ``save_pretrained`` to the models (LlamaModel, LlamaForCausalLM)."""
-
-    # ``cls.from_pretrained(name_or_path, ...)``: load_pretrained with the class as its first argument.
-    from_pretrained = classmethod(load_pretrained)
-
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike,
-        max_shard_size: int | str = "5GB",
-        safe_serialization: bool = True,
-    ) -> Path:
-        """Write config.json and the weights (safetensors, sharded past ``max_shard_size``) as
-        transformers does; ``safe_serialization=False`` writes pytorch_model*.bin. Returns the folder."""
-        from .saving import save_pretrained
-
-        return save_pretrained(
-            self, save_directory, max_shard_size=max_shard_size, safe_serialization=safe_serialization
-        )

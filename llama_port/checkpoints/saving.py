@@ -22,8 +22,11 @@ import torch
 from torch import Tensor, nn
 
 from ..configuration import CONFIG_NAME
+from ..dtypes import dtype_name, parse_dtype
+from ..modeling import LlamaForCausalLM
 from .hub import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
-from .loading import _tied_aliases, build_meta_model, iter_parameter_tensors, parse_dtype, resolve_missing
+from .loading import build_meta_model, iter_parameter_tensors, resolve_missing, settle_tied_head, tied_aliases
+from .resolve import HubOptions, open_checkpoint
 
 SAFETENSORS_METADATA = {"format": "pt"}
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*\Z", re.IGNORECASE)
@@ -61,7 +64,7 @@ def save_pretrained(
             f"cannot save: {len(offloaded)} weights are offloaded (device_map) and not in memory, "
             f"e.g. {offloaded[0]!r}; load without disk offload to save"
         )
-    for alias in _tied_aliases(model):
+    for alias in tied_aliases(model):
         state.pop(alias, None)  # as transformers: the tied head is not written, the loader re-ties it
 
     if safe_serialization:
@@ -89,7 +92,7 @@ def save_pretrained(
         (directory / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     config = model.config.copy()
-    config.dtype = _dtype_name(next(iter(state.values())).dtype) if state else config.dtype
+    config.dtype = dtype_name(next(iter(state.values())).dtype) if state else config.dtype
     config.save_pretrained(directory)
     return directory
 
@@ -120,10 +123,6 @@ def _remove_stale_weights(directory: Path, weights_name: str, index_name: str, k
             path.unlink()
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 # --------------------------------------------------------------------------------------- convert
 def convert_checkpoint(
     src: str | os.PathLike,
@@ -132,26 +131,18 @@ def convert_checkpoint(
     max_shard_size: int | str = "5GB",
     *,
     progress: bool | None = None,
-    revision: str | None = None,
-    token: str | bool | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    local_files_only: bool = False,
+    hub: HubOptions = HubOptions(),
 ) -> Path:
     """Write any checkpoint llama_port reads (Hub folder or repo id, Meta folder, GGUF) to ``dst`` in Hub format.
 
     ``dst`` gets config.json, model.safetensors or shards + index (``dtype``: "auto" keeps the
     source's), and the tokenizer: the source's tokenizer files copied, or for GGUF one built by
     transformers (when installed) from the file's metadata. Tensors are checked against the config
-    as a load checks them (shapes, missing, unexpected). Returns ``dst``.
+    as a load checks them (shapes, missing, unexpected). ``hub``: for a Hub repo id. Returns ``dst``.
     """
-    from ..modeling import LlamaForCausalLM
-    from .resolve import open_checkpoint
-
     out_dtype = parse_dtype(dtype)
     max_bytes = parse_size(max_shard_size)
-    source = open_checkpoint(
-        src, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only
-    )
+    source = open_checkpoint(src, hub)
     out_dtype = out_dtype or source.dtype
     dst = Path(dst)
     source_folders = {source.root.resolve(), *(f.parent.resolve() for f in source.files)}
@@ -160,7 +151,7 @@ def convert_checkpoint(
 
     meta_model = build_meta_model(LlamaForCausalLM, source.config, out_dtype, None)
     params = dict(meta_model.named_parameters())
-    aliases = _tied_aliases(meta_model)
+    aliases = tied_aliases(meta_model)
     loaded: set[str] = set()
     unexpected: list[str] = []
     heads: dict[str, Tensor] = {}  # a tied head found in the checkpoint, settled at the end
@@ -177,14 +168,13 @@ def convert_checkpoint(
                 tied_targets[name] = tensor
             writer.add(name, tensor)
             loaded.add(name)
-        for alias, tensor in heads.items():  # as loading settles them (see loading._settle_tied_heads)
+        for alias, tensor in heads.items():  # settled as loading settles them
             target = aliases[alias]
-            if target not in loaded:
-                writer.add(target, tensor)
+            embedding = tied_targets.get(target) if target in loaded else None
+            name = settle_tied_head(alias, target, tensor, embedding, meta_model.config, source.file_of(alias))
+            if name is not None:
+                writer.add(name, tensor)
                 loaded.add(target)
-            elif not torch.equal(tied_targets[target], tensor):
-                meta_model.config.tie_word_embeddings = False
-                writer.add(alias, tensor)
         resolve_missing(set(params), loaded, unexpected, source, meta_model.config, strict=True, shapes=params)
         writer.finish()
     except BaseException:
@@ -192,7 +182,7 @@ def convert_checkpoint(
         raise
 
     config = meta_model.config.copy()
-    config.dtype = _dtype_name(out_dtype)
+    config.dtype = dtype_name(out_dtype)
     config.save_pretrained(dst)
     _write_tokenizer(source, dst)
     return dst

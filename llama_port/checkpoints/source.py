@@ -45,6 +45,11 @@ class CheckpointSource:
     tensor_files: dict[str, Path] = field(default_factory=dict)
     owns_tensors: bool = False
 
+    @property
+    def location(self) -> Path:
+        """The path naming this checkpoint: a GGUF's file (its folder may hold others), else ``root``."""
+        return self.files[0] if self.format == "gguf" else self.root
+
     def file_of(self, name: str) -> Path:
         """The file holding tensor ``name`` when known, else the checkpoint's root (for messages)."""
         return self.tensor_files.get(name, self.root)

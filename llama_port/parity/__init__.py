@@ -1,0 +1,34 @@
+"""Parity with transformers, measured: the comparison as a library.
+
+    compare.py     compare() -> ParityReport: logit metrics, per-layer diffs, greedy tokens, verdict
+    reference.py   the one loader of the reference (transformers') model and of its tokenizer
+    inputs.py      the prompts and seeded random rows a check runs on
+    report.py      rich tables and the per-layer plot
+
+``llama-port parity`` (llama_port.cli.parity) puts them together for a checkpoint. Needs
+transformers for the reference only; compare() takes any two models.
+"""
+
+from .compare import LayerDiff, ParityReport, compare, exceeds_threshold, first_divergent, logit_metrics, weights_sha256
+from .inputs import DEFAULT_PROMPTS, left_pad, parity_batch, random_batch
+from .reference import load_checkpoint_tokenizer, load_reference, transformers_quiet
+from .report import print_report, write_plot
+
+__all__ = [
+    "DEFAULT_PROMPTS",
+    "LayerDiff",
+    "ParityReport",
+    "compare",
+    "exceeds_threshold",
+    "first_divergent",
+    "left_pad",
+    "load_checkpoint_tokenizer",
+    "load_reference",
+    "logit_metrics",
+    "parity_batch",
+    "print_report",
+    "random_batch",
+    "transformers_quiet",
+    "weights_sha256",
+    "write_plot",
+]
