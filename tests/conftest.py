@@ -1,8 +1,13 @@
-"""Shared builders: tiny transformers models and their llama_port twins, and the real SmolLM2 GGUF."""
+"""Shared builders and fixtures: tiny transformers models and their llama_port twins, models built
+from a checkpoint source, tiny Hub-format checkpoint folders (every weight layout, bf16, good copies
+to break) with the helpers that compare logits over them, the parity tool's JSON keys, and the real
+SmolLM2 GGUF with the models and tokenizer loaded from it."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -67,12 +72,148 @@ def make_port_model(hf_model, attn_implementation: str = "eager", dtype=torch.fl
     return model.to(dtype).eval()
 
 
+def make_tiny_pair(attn_implementation: str = "eager", dtype=torch.float32, **overrides):
+    """(our model, transformers model) twins: a tiny random transformers model built from
+    ``tiny_config_dict(**overrides)`` on one attention backend and in one dtype, and ours loaded from it."""
+    hf = make_hf_model(tiny_config_dict(**overrides), attn_implementation, dtype=dtype)
+    return make_port_model(hf, attn_implementation, dtype=dtype), hf
+
+
+def load_port_model(source, tied_head_may_be_missing: bool = False) -> llama_port.LlamaForCausalLM:
+    """Our eager LlamaForCausalLM holding every tensor of a CheckpointSource's groups, float32, eval mode.
+
+    Loaded strictly by default. With ``tied_head_may_be_missing`` (GGUF files write no output.weight
+    for a tied head), lm_head.weight must be the one tensor missing when the config ties it, none
+    otherwise, and the weights are tied after loading.
+    """
+    model = llama_port.LlamaForCausalLM(source.config, attn_implementation="eager")
+    state = {}
+    for group in source.iter_groups():
+        state.update(group)
+    if tied_head_may_be_missing:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        # A tied head has no tensor of its own: lm_head.weight *is* embed_tokens.weight.
+        assert unexpected == [] and missing == (["lm_head.weight"] if source.config.tie_word_embeddings else [])
+        model.tie_weights()
+    else:
+        model.load_state_dict(state, strict=True)
+    return model.float().eval()
+
+
 def report_max_diff(label: str, diff: float) -> float:
     """Print the largest difference seen (visible with -s and in -rA summaries)."""
     print(f"[parity] {label}: max |diff| = {diff:.3e}")
     return diff
 
 
+# ------------------------------------------------------------------ Hub-format checkpoint folders
+ATOL = 1e-5
+IDS = torch.tensor([[1, 5, 17, 99, 3, 64, 127, 8, 42, 11], [2, 9, 0, 33, 71, 5, 6, 120, 4, 50]])  # (B, T)
+
+
+def logits_of(model, ids: torch.Tensor = IDS) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def max_diff(label: str, ours, theirs) -> float:
+    return report_max_diff(label, (logits_of(ours) - logits_of(theirs)).abs().max().item())
+
+
+def hf_load(path, **kwargs):
+    import transformers
+
+    return transformers.LlamaForCausalLM.from_pretrained(str(path), attn_implementation="eager", **kwargs).eval()
+
+
+def write_bin(state_dict: dict, folder: Path, config_dict: dict, max_shard_bytes: int | None = None) -> Path:
+    """pytorch_model.bin (or shards + index) as transformers 4 wrote them; transformers 5 writes only safetensors."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", **config_dict}))
+    if max_shard_bytes is None:
+        torch.save(dict(state_dict), folder / "pytorch_model.bin")
+        return folder
+    shards: list[dict] = [{}]
+    size = 0
+    for name, tensor in state_dict.items():
+        if shards[-1] and size + tensor.numel() * tensor.element_size() > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += tensor.numel() * tensor.element_size()
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"pytorch_model-{i + 1:05d}-of-{len(shards):05d}.bin"
+        torch.save(shard, folder / name)
+        weight_map.update(dict.fromkeys(shard, name))
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def write_tiny_tokenizer(folder: Path) -> None:
+    """A real (word-level) fast tokenizer, so load_tokenizer and convert have one to find."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 128)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    fast.save_pretrained(str(folder))
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    return make_hf_model(tiny_config_dict())
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory, hf_model) -> dict[str, Path]:
+    """The same weights as model.safetensors, sharded safetensors, pytorch_model.bin and sharded .bin."""
+    root = tmp_path_factory.mktemp("layouts")
+    hf_model.save_pretrained(root / "single")
+    hf_model.save_pretrained(root / "sharded", max_shard_size="100KB")
+    config_dict = json.loads((root / "single" / "config.json").read_text())
+    state = hf_model.state_dict()
+    write_bin(state, root / "bin", config_dict)
+    write_bin(state, root / "bin_sharded", config_dict, max_shard_bytes=100_000)
+    write_tiny_tokenizer(root / "single")
+    return {name: root / name for name in ("single", "sharded", "bin", "bin_sharded")}
+
+
+@pytest.fixture(scope="module")
+def bf16_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bf16")
+    make_hf_model(tiny_config_dict(), dtype=torch.bfloat16).save_pretrained(folder, max_shard_size="60KB")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> dict[str, Path]:
+    """A good single-file and a good sharded checkpoint; tests copy them before breaking them."""
+    root = tmp_path_factory.mktemp("good")
+    hf = make_hf_model(tiny_config_dict())
+    hf.save_pretrained(root / "single")
+    hf.save_pretrained(root / "sharded", max_shard_size="100KB")
+    return {"single": root / "single", "sharded": root / "sharded"}
+
+
+def copy_of(saved: dict[str, Path], name: str, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(saved[name], tmp_path / name))
+
+
+# ------------------------------------------------------------------------------- parity tool
+JSON_KEYS = {
+    "max_abs_diff", "mean_abs_diff", "top1_agreement", "top5_agreement", "kl_max", "first_divergent_layer",
+    "per_layer", "greedy_match", "first_token_mismatch", "passed", "torch_version", "transformers_version",
+    "llama_port_version", "dtype", "device", "backend", "weights_sha256",
+}  # fmt: skip
+NUM_LAYERS = 4  # the parity tool tests' tiny models and checkpoint
+
+
+# ------------------------------------------------------------ torch threads, the real SmolLM2
 @pytest.fixture(scope="module")
 def one_thread():
     """torch on one thread for a test module (``pytestmark = pytest.mark.usefixtures("one_thread")``).
@@ -94,6 +235,23 @@ def smollm2_gguf() -> Path:
     path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert path.is_file(), path
     return path
+
+
+@pytest.fixture(scope="module")
+def smollm2_pair(smollm2_gguf):
+    """transformers' model (its own GGUF reader) and ours (from_pretrained) on the real checkpoint,
+    float32, plus its tokenizer."""
+    import transformers
+
+    from llama_port.checkpoints import load_tokenizer
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
+    ).eval()
+    ours = llama_port.LlamaForCausalLM.from_pretrained(smollm2_gguf, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(smollm2_gguf)
+    tokenizer.padding_side = "left"
+    return hf, ours, tokenizer
 
 
 def pytest_collection_modifyitems(config, items):

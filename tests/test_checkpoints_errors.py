@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_hf_model, tiny_config_dict
+from conftest import copy_of
 
 from llama_port import LlamaForCausalLM
 from llama_port.checkpoints import (
@@ -27,20 +27,6 @@ from llama_port.checkpoints import (
 
 pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory) -> dict[str, Path]:
-    """A good single-file and a good sharded checkpoint; tests copy them before breaking them."""
-    root = tmp_path_factory.mktemp("good")
-    hf = make_hf_model(tiny_config_dict())
-    hf.save_pretrained(root / "single")
-    hf.save_pretrained(root / "sharded", max_shard_size="100KB")
-    return {"single": root / "single", "sharded": root / "sharded"}
-
-
-def copy_of(saved: dict[str, Path], name: str, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(saved[name], tmp_path / name))
 
 
 def edit_state(folder: Path, edit) -> None:
@@ -278,7 +264,7 @@ def test_not_a_checkpoint_file(tmp_path):
         LlamaForCausalLM.from_pretrained(path)
 
 
-# ------------------------------------------------------------------------------------ convert, CLI
+# ----------------------------------------------------------------------------------------- convert
 def test_failed_convert_leaves_no_weights_behind(tmp_path, saved):
     folder = copy_of(saved, "single", tmp_path)
     edit_state(folder, lambda s: s.pop("model.layers.1.mlp.up_proj.weight"))
@@ -291,13 +277,3 @@ def test_convert_into_the_source_refused(tmp_path, saved):
     folder = copy_of(saved, "single", tmp_path)
     with pytest.raises(ValueError, match="is where the source checkpoint lives"):
         convert_checkpoint(folder, folder)
-
-
-def test_cli_exit_code_2_with_the_reason(tmp_path, saved, capsys):
-    from llama_port.cli import main
-
-    folder = copy_of(saved, "single", tmp_path)
-    path = folder / "model.safetensors"
-    path.write_bytes(path.read_bytes()[:-10])
-    assert main(["convert", str(folder), str(tmp_path / "out")]) == 2
-    assert "file is truncated" in capsys.readouterr().err

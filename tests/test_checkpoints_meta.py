@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_hf_model, report_max_diff, tiny_config_dict
+from conftest import load_port_model, make_hf_model, report_max_diff, tiny_config_dict
 
 import llama_port
 from llama_port.checkpoints.errors import CheckpointNotFoundError, ShapeMismatchError
@@ -91,15 +91,6 @@ def write_meta_checkpoint(folder: Path, hf_model, params: dict, ranks: int = 1, 
     for rank, shard in enumerate(split_for_ranks(meta_state_dict(hf_model), ranks, vocab_parallel_embedding)):
         torch.save(shard, folder / f"consolidated.{rank:02d}.pth")
     return folder
-
-
-def load_port_model(source) -> llama_port.LlamaForCausalLM:
-    model = llama_port.LlamaForCausalLM(source.config, attn_implementation="eager")
-    state = {}
-    for group in source.iter_groups():
-        state.update(group)
-    model.load_state_dict(state, strict=True)
-    return model.float().eval()
 
 
 # --------------------------------------------------------------------- Meta's reference forward

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_hf_model, make_port_model, report_max_diff, tiny_config_dict
+from conftest import make_hf_model, make_port_model, make_tiny_pair, report_max_diff, tiny_config_dict
 
 import llama_port
 from llama_port.generation import (
@@ -28,8 +28,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module", params=["eager", "sdpa"])
 def tiny_pair(request):
     """(transformers model, our model) sharing random weights, on one attention backend."""
-    hf = make_hf_model(tiny_config_dict(**GEN_CONFIG), attn_implementation=request.param)
-    return hf, make_port_model(hf, attn_implementation=request.param)
+    ours, hf = make_tiny_pair(request.param, **GEN_CONFIG)
+    return hf, ours
 
 
 @pytest.fixture(scope="module")
@@ -277,23 +277,6 @@ def test_compiled_decode_step_matches_eager_without_recompiling(tiny_model):
 
 
 # ----------------------------------------------------------------------- the real SmolLM2-135M
-@pytest.fixture(scope="module")
-def smollm2_pair(smollm2_gguf):
-    """transformers' model (its own GGUF reader) and ours (from_pretrained) on the real checkpoint,
-    float32, plus its tokenizer."""
-    import transformers
-
-    from llama_port.checkpoints import load_tokenizer
-
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
-    ).eval()
-    ours = llama_port.LlamaForCausalLM.from_pretrained(smollm2_gguf, dtype=torch.float32).eval()
-    tokenizer = load_tokenizer(smollm2_gguf)
-    tokenizer.padding_side = "left"
-    return hf, ours, tokenizer
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_smollm2_greedy_matches_transformers(smollm2_pair, cache):
@@ -318,21 +301,7 @@ def test_smollm2_greedy_matches_transformers(smollm2_pair, cache):
         assert torch.equal(got, expected), tokenizer.batch_decode(got)
 
 
-# -------------------------------------------------------------------------- CLI and benchmark
-@pytest.mark.slow
-def test_cli_generate_streams_the_greedy_text(smollm2_pair, capsys):
-    from llama_port.cli import main
-
-    _, ours, tokenizer = smollm2_pair
-    prompt = "The capital of France is"
-    assert main(["generate", "--prompt", prompt, "--max-new-tokens", "12", "--cache", "static"]) == 0
-    captured = capsys.readouterr()
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    out = ours.generate(ids, max_new_tokens=12, eos_token_id=[2])
-    assert captured.out == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True) + "\n"
-    assert "tokens/s" in captured.err
-
-
+# ----------------------------------------------------- chat prompt, stream printer, benchmark
 @pytest.mark.slow
 def test_chat_prompt_uses_the_chat_template(smollm2_pair):
     from llama_port.generation_cli import encode_prompt

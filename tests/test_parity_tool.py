@@ -1,33 +1,27 @@
 """The parity tool: compare() on tiny models (it passes twins, and names the layer a planted bug is
-in), the bf16 ratio rule, the CLI's exit codes and JSON, and one end-to-end run on SmolLM2."""
+in), the bf16 ratio rule, first_divergent's rule and random_batch's padding. The parity command
+(exit codes, JSON, plot, the end-to-end run on SmolLM2) is tested in test_cli.py."""
 
 from __future__ import annotations
 
 import copy
-import json
 import math
 
 import pytest
 import torch
 
-from llama_port import cli, parity
 from llama_port.modeling import LlamaRotaryEmbedding
 from llama_port.parity import LayerDiff, compare, first_divergent, left_pad, random_batch
 
-from conftest import make_hf_model, make_port_model, report_max_diff, tiny_config_dict
-
-JSON_KEYS = {
-    "max_abs_diff", "mean_abs_diff", "top1_agreement", "top5_agreement", "kl_max", "first_divergent_layer",
-    "per_layer", "greedy_match", "first_token_mismatch", "passed", "torch_version", "transformers_version",
-    "llama_port_version", "dtype", "device", "backend", "weights_sha256",
-}  # fmt: skip
-NUM_LAYERS = 4
-
-
-def tiny_pair(attn: str = "eager", dtype=torch.float32, **overrides):
-    """(ours, reference) twins: a 4-layer tiny transformers model and ours loaded from it."""
-    hf = make_hf_model(tiny_config_dict(num_hidden_layers=NUM_LAYERS, **overrides), attn, dtype=dtype)
-    return make_port_model(hf, attn, dtype=dtype), hf
+from conftest import (
+    JSON_KEYS,
+    NUM_LAYERS,
+    make_hf_model,
+    make_port_model,
+    make_tiny_pair,
+    report_max_diff,
+    tiny_config_dict,
+)
 
 
 def tiny_batch(vocab_size: int = 128, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,7 +32,7 @@ def tiny_batch(vocab_size: int = 128, pad: int = 0) -> tuple[torch.Tensor, torch
 # ------------------------------------------------------------------------------------ compare()
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_twins_pass(attn):
-    ours, reference = tiny_pair(attn)
+    ours, reference = make_tiny_pair(attn, num_hidden_layers=NUM_LAYERS)
     input_ids, attention_mask = tiny_batch()
     report = compare(ours, reference, input_ids, attention_mask, max_new_tokens=8)
     report_max_diff(f"tiny twins {attn}", report.max_abs_diff)
@@ -60,7 +54,7 @@ def test_twins_pass(attn):
     "param", ["mlp.down_proj.weight", "self_attn.k_proj.weight", "post_attention_layernorm.weight"]
 )
 def test_perturbed_weight_names_its_layer(layer, param):
-    ours, reference = tiny_pair("sdpa")
+    ours, reference = make_tiny_pair("sdpa", num_hidden_layers=NUM_LAYERS)
     with torch.no_grad():
         ours.get_parameter(f"model.layers.{layer}.{param}").view(-1)[3] += 0.5  # one element
     report = compare(ours, reference, *tiny_batch(), max_new_tokens=0)
@@ -72,7 +66,7 @@ def test_perturbed_weight_names_its_layer(layer, param):
 
 
 def test_rope_theta_change_diverges_at_layer_0():
-    ours, reference = tiny_pair("eager")
+    ours, reference = make_tiny_pair("eager", num_hidden_layers=NUM_LAYERS)
     ours.config.rope_parameters["rope_theta"] = 500.0
     ours.model.rotary_emb = LlamaRotaryEmbedding(ours.config)  # frequencies from the changed theta
     report = compare(ours, reference, *tiny_batch(), max_new_tokens=8, allow_token_mismatch=True)
@@ -83,7 +77,7 @@ def test_rope_theta_change_diverges_at_layer_0():
 
 
 def test_lm_head_bug_is_named_lm_head():
-    ours, reference = tiny_pair("eager")
+    ours, reference = make_tiny_pair("eager", num_hidden_layers=NUM_LAYERS)
     with torch.no_grad():
         ours.lm_head.weight[5, 0] += 1.0
     report = compare(ours, reference, *tiny_batch(), max_new_tokens=0)
@@ -92,7 +86,7 @@ def test_lm_head_bug_is_named_lm_head():
 
 
 def test_greedy_mismatch_fails_unless_allowed():
-    ours, reference = tiny_pair("eager")
+    ours, reference = make_tiny_pair("eager", num_hidden_layers=NUM_LAYERS)
     with torch.no_grad():
         ours.lm_head.weight.mul_(-1.0)  # a different argmax everywhere
     prompt = torch.tensor([[5, 17, 33, 9]])
@@ -124,7 +118,7 @@ def test_bfloat16_ratio_rule():
 
 
 def test_low_precision_needs_a_yardstick():
-    ours, reference = tiny_pair("eager", dtype=torch.bfloat16)
+    ours, reference = make_tiny_pair("eager", dtype=torch.bfloat16, num_hidden_layers=NUM_LAYERS)
     with pytest.raises(ValueError, match="reference_fp32"):
         compare(ours, reference, torch.tensor([[3, 4, 5]]), max_new_tokens=0)
 
@@ -149,93 +143,3 @@ def test_random_batch_pads_rows_differently_and_is_seeded():
     input_ids, attention_mask = left_pad(rows, pad_token_id=0, length=12)
     assert input_ids.shape == (4, 12) and attention_mask.sum(-1).tolist() == lengths
     assert (attention_mask[:, -1] == 1).all()  # left padding: the last column is real
-
-
-# ------------------------------------------------------------------------------------------ CLI
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """A tiny Hub-format folder (config.json + model.safetensors, no tokenizer)."""
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    make_hf_model(tiny_config_dict(num_hidden_layers=NUM_LAYERS)).save_pretrained(folder)
-    return folder
-
-
-def test_cli_json_to_stdout_and_plot(tiny_checkpoint, tmp_path, capsys):
-    png = tmp_path / "layers.png"
-    argv = ["parity", str(tiny_checkpoint), "--json", "-", "--plot", str(png), "--max-new-tokens", "4",
-            "--seq-len", "12", "--batch", "3", "--attn", "eager"]  # fmt: skip
-    assert cli.main(argv) == 0
-    captured = capsys.readouterr()
-    report = json.loads(captured.out)  # stdout is the JSON alone
-    assert "PASS" in captured.err and "per layer" in captured.err  # the table went to stderr
-    assert JSON_KEYS <= set(report)
-    assert report["passed"] and report["backend"] == "eager" and report["num_positions"] > 0
-    assert any("no tokenizer" in note for note in report["notes"])
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_cli_exit_1_names_the_layer(tiny_checkpoint, tmp_path, monkeypatch, capsys):
-    load_ours = parity.load_ours
-
-    def load_broken(*args, **kwargs):
-        model = load_ours(*args, **kwargs)
-        with torch.no_grad():
-            model.model.layers[2].self_attn.o_proj.weight[1, 1] += 1.0
-        return model
-
-    monkeypatch.setattr(parity, "load_ours", load_broken)
-    out = tmp_path / "report.json"
-    assert cli.main(["parity", str(tiny_checkpoint), "--json", str(out), "--max-new-tokens", "2", "--quiet"]) == 1
-    report = json.loads(out.read_text())
-    assert not report["passed"] and report["first_divergent_layer"] == 2
-    assert "FAIL" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["parity", "/nonexistent/model.gguf"], "no such file"),
-        (["parity", "{empty}"], "no config.json"),
-        (["parity", "{empty}", "--seq-len", "0"], "--seq-len"),
-        (["parity", "{empty}", "--device", "cuda", "--attn", "flash_attention_2"], "cuda"),
-    ],
-)
-def test_cli_bad_input_exits_2(argv, message, tmp_path, capsys):
-    if torch.cuda.is_available() and "cuda" in argv:
-        pytest.skip("CUDA is available here")
-    argv = [a.replace("{empty}", str(tmp_path)) for a in argv]
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("llama-port parity: error:") and message in err.lower() and "\n" not in err
-
-
-def test_cli_unknown_dtype_exits_2(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["parity", "--dtype", "float8"])
-    assert exit_info.value.code == 2
-    assert "invalid choice: 'float8'" in capsys.readouterr().err
-
-
-# ------------------------------------------------------------------------------- real checkpoint
-@pytest.mark.slow
-def test_smollm2_float32_passes(smollm2_gguf, tmp_path, capsys):
-    out, png = tmp_path / "parity.json", tmp_path / "parity.png"
-    argv = ["parity", "--json", str(out), "--plot", str(png), "--max-new-tokens", "8", "--batch", "2",
-            "--seq-len", "24", "--quiet"]  # fmt: skip
-    code = cli.main(argv)  # no CHECKPOINT: the embedded default, which is this file
-    table = capsys.readouterr().out
-    report = json.loads(out.read_text())
-    print(table)
-    assert code == 0, report["failures"]
-    assert JSON_KEYS <= set(report)
-    assert report["checkpoint"] == str(smollm2_gguf.resolve())
-    assert (report["dtype"], report["device"], report["backend"]) == ("float32", "cpu", "sdpa")
-    assert report["passed"] and report["max_abs_diff"] <= 1e-4 and report["kl_max"] <= 1e-8
-    assert report["top1_agreement"] == 1.0 and report["greedy_match"] is True
-    assert report["first_divergent_layer"] is None and report["first_token_mismatch"] is None
-    assert len(report["reference_tokens"]) == 8 or 2 in report["reference_tokens"]  # 8 tokens or EOS
-    assert [e["name"] for e in report["per_layer"][1:31]] == [f"layers.{i}" for i in range(30)]
-    assert all(e["max_abs_diff"] <= 1e-4 for e in report["per_layer"])
-    assert report["num_positions"] > 2 * 12  # the prompts and the random rows, pads excluded
-    assert len(report["weights_sha256"]) == 64 and report["transformers_version"] == "5.23.0"
-    assert "PASS" in table and png.stat().st_size > 10_000
