@@ -241,13 +241,10 @@ def smollm2_gguf() -> Path:
 def smollm2_pair(smollm2_gguf):
     """transformers' model (its own GGUF reader) and ours (from_pretrained) on the real checkpoint,
     float32, plus its tokenizer."""
-    import transformers
-
     from llama_port.checkpoints import load_tokenizer
+    from llama_port.parity import load_reference
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
-    ).eval()
+    hf = load_reference(smollm2_gguf, "float32")
     ours = llama_port.LlamaForCausalLM.from_pretrained(smollm2_gguf, dtype=torch.float32).eval()
     tokenizer = load_tokenizer(smollm2_gguf)
     tokenizer.padding_side = "left"

@@ -111,12 +111,10 @@ def write_gguf(
 
 
 def load_transformers_gguf(path: Path):
-    import transformers
+    """transformers' own GGUF reader, through the one reference loader (llama_port.parity)."""
+    from llama_port.parity import load_reference
 
-    model = transformers.LlamaForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32, attn_implementation="eager"
-    )
-    return model.eval()
+    return load_reference(path, "float32", attn="eager")
 
 
 def tokens(vocab: int, batch: int = 2, length: int = 13) -> torch.Tensor:

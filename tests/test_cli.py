@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import JSON_KEYS, NUM_LAYERS, copy_of, make_hf_model, tiny_config_dict
 
-from llama_port import cli, parity
+from llama_port import cli
+from llama_port.cli import parity as parity_command
 
 pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
@@ -60,7 +61,7 @@ def test_cli_json_to_stdout_and_plot(tiny_checkpoint, tmp_path, capsys):
 
 
 def test_cli_exit_1_names_the_layer(tiny_checkpoint, tmp_path, monkeypatch, capsys):
-    load_ours = parity.load_ours
+    load_ours = parity_command.load_model
 
     def load_broken(*args, **kwargs):
         model = load_ours(*args, **kwargs)
@@ -68,7 +69,7 @@ def test_cli_exit_1_names_the_layer(tiny_checkpoint, tmp_path, monkeypatch, caps
             model.model.layers[2].self_attn.o_proj.weight[1, 1] += 1.0
         return model
 
-    monkeypatch.setattr(parity, "load_ours", load_broken)
+    monkeypatch.setattr(parity_command, "load_model", load_broken)
     out = tmp_path / "report.json"
     assert cli.main(["parity", str(tiny_checkpoint), "--json", str(out), "--max-new-tokens", "2", "--quiet"]) == 1
     report = json.loads(out.read_text())

@@ -14,6 +14,7 @@ import llama_port
 from llama_port.generation import (
     apply_temperature,
     next_tokens_from_logits,
+    start_decoding,
     top_k_filter,
     top_p_filter,
 )
@@ -116,7 +117,7 @@ def test_every_decode_step_matches_a_full_forward(attn, cache):
     new = sequence[:, ids.shape[1] :]
     worst = 0.0
     with torch.inference_mode():
-        logits, decoder = model._start_decoding(ids, mask, steps, cache)
+        logits, decoder = start_decoding(model, ids, mask, steps, cache)
         for t in range(steps):
             full_mask = torch.cat([mask, torch.ones(ids.shape[0], t, dtype=torch.long)], dim=1)
             positions = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 0)
@@ -304,7 +305,7 @@ def test_smollm2_greedy_matches_transformers(smollm2_pair, cache):
 # ----------------------------------------------------- chat prompt, stream printer, benchmark
 @pytest.mark.slow
 def test_chat_prompt_uses_the_chat_template(smollm2_pair):
-    from llama_port.generation_cli import encode_prompt
+    from llama_port.cli.generate import encode_prompt
 
     _, _, tokenizer = smollm2_pair
     ids = encode_prompt(tokenizer, "Hello!", chat=True)
@@ -314,7 +315,7 @@ def test_chat_prompt_uses_the_chat_template(smollm2_pair):
 
 
 def test_text_stream_printer_holds_back_partial_characters():
-    from llama_port.generation_cli import TextStreamPrinter
+    from llama_port.generation import TextStreamPrinter
 
     class ByteTokenizer:  # one token per UTF-8 byte, as byte-level BPE can split a character
         def decode(self, ids, skip_special_tokens=True):
@@ -337,7 +338,7 @@ def test_text_stream_printer_holds_back_partial_characters():
 def test_benchmark_reports_every_configuration(tiny_pair):
     import io
 
-    from llama_port.generation_cli import benchmark_generation, print_bench_report
+    from llama_port.generation.benchmark import benchmark_generation, print_bench_report
 
     hf, ours = tiny_pair
     with torch.inference_mode():
