@@ -139,3 +139,43 @@ def test_cli_generate_streams_the_greedy_text(smollm2_pair, capsys):
     out = ours.generate(ids, max_new_tokens=12, eos_token_id=[2])
     assert captured.out == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True) + "\n"
     assert "tokens/s" in captured.err
+
+
+# ------------------------------------------------------------------------------------ the parser
+def test_version_and_python_dash_m(capsys):
+    import subprocess
+    import sys
+
+    import llama_port
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"llama-port {llama_port.__version__}"
+    run = subprocess.run([sys.executable, "-m", "llama_port", "--version"], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == f"llama-port {llama_port.__version__}"
+
+
+def test_every_option_has_help_text():
+    import argparse
+
+    parser = cli.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subparsers.choices) == {"parity", "generate", "convert", "bench"}
+    missing = [
+        f"{name} {action.option_strings or action.dest}"
+        for name, sub in [("llama-port", parser), *subparsers.choices.items()]
+        for action in sub._actions
+        if not isinstance(action, argparse._SubParsersAction) and not action.help
+    ]
+    assert not missing
+
+
+def test_attn_choices_come_from_the_backend_registry():
+    from llama_port.attention import BACKENDS
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["parity", "--attn", "flash_reference"])
+    assert args.attn == "flash_reference"
+    parity_parser = parser._subparsers._group_actions[0].choices["parity"]
+    attn = next(a for a in parity_parser._actions if a.dest == "attn")
+    assert list(attn.choices) == sorted(BACKENDS)
