@@ -158,13 +158,8 @@ class LlamaAttention(nn.Module):
         return get_backend(self.config._attn_implementation)
 
     def forward(
-        self,
-        hidden_states: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        mask: BackendMask,
-        past_key_values: KVCache | None,
-        cache_position: Tensor | None,
+        self, hidden_states: Tensor, cos: Tensor, sin: Tensor, mask: BackendMask,
+        past_key_values: KVCache | None, cache_position: Tensor | None,
     ) -> tuple[Tensor, Tensor | None]:
         """hidden_states (B, T, C) -> ((B, T, C), attention weights (B, H, T, S) or None).
 
@@ -201,13 +196,8 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(
-        self,
-        hidden_states: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        mask: BackendMask,
-        past_key_values: KVCache | None,
-        cache_position: Tensor | None,
+        self, hidden_states: Tensor, cos: Tensor, sin: Tensor, mask: BackendMask,
+        past_key_values: KVCache | None, cache_position: Tensor | None,
     ) -> tuple[Tensor, Tensor | None]:
         """(B, T, C) -> ((B, T, C), attention weights or None)."""
         residual = hidden_states
@@ -369,7 +359,7 @@ class LlamaModel(LlamaPreTrainedModel):
     def forward(
         self,
         input_ids: Tensor | None = None,
-        attention_mask: Tensor | None = None,
+        attention_mask: Tensor | PreparedMask | None = None,
         position_ids: Tensor | None = None,
         past_key_values: KVCache | None = None,
         inputs_embeds: Tensor | None = None,
@@ -398,40 +388,10 @@ class LlamaModel(LlamaPreTrainedModel):
             )
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, C)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if self.gradient_checkpointing and self.training:
-            # Recomputing a layer in the backward pass would append its keys to the cache again.
-            if past_key_values is not None:
-                raise ValueError("past_key_values cannot be used with gradient checkpointing in training mode")
-            use_cache = False
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
-
-        batch_size, q_length = inputs_embeds.shape[:2]
-        prepared = _check_attention_mask(attention_mask, backend)
-        # A prepared mask plus cache_position (generate()'s decode step) says where the tokens go, so
-        # the cache's host bookkeeping is not read and a compiled step does not specialise on it.
-        past_seen = 0
-        if past_key_values is not None and not (prepared is not None and cache_position is not None):
-            past_seen = past_key_values.get_seq_length()
-        if cache_position is None:
-            cache_position = torch.arange(past_seen, past_seen + q_length, device=inputs_embeds.device)
-        if position_ids is None:
-            position_ids = cache_position.unsqueeze(0)  # (1, T)
-        if prepared is not None:
-            mask = prepared.value
-        else:
-            mask = mask_for_forward(
-                backend.mask_format,
-                attention_mask,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                past_seen=past_seen,
-                batch_size=batch_size,
-                q_length=q_length,
-                dtype=inputs_embeds.dtype,
-                device=inputs_embeds.device,
-            )
+        use_cache, past_key_values = self._cache_for_forward(use_cache, past_key_values)
+        mask, position_ids, cache_position = self._mask_and_positions(
+            attention_mask, position_ids, cache_position, past_key_values, inputs_embeds
+        )
 
         hidden_states = inputs_embeds
         cos, sin = self.rotary_emb(hidden_states, position_ids)  # (B or 1, T, D)
@@ -458,6 +418,51 @@ class LlamaModel(LlamaPreTrainedModel):
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
             attentions=tuple(all_attentions) if output_attentions else None,
         )
+
+    def _cache_for_forward(self, use_cache: bool | None, past_key_values: KVCache | None) -> tuple[bool, KVCache | None]:
+        """use_cache resolved (config default; off when recomputing layers in training) and the
+        cache to extend (a new DynamicCache when caching and none was given)."""
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            # Recomputing a layer in the backward pass would append its keys to the cache again.
+            if past_key_values is not None:
+                raise ValueError("past_key_values cannot be used with gradient checkpointing in training mode")
+            use_cache = False
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        return use_cache, past_key_values
+
+    def _mask_and_positions(
+        self,
+        attention_mask: Tensor | PreparedMask | None,
+        position_ids: Tensor | None,
+        cache_position: Tensor | None,
+        past_key_values: KVCache | None,
+        inputs_embeds: Tensor,
+    ) -> tuple[BackendMask, Tensor, Tensor]:
+        """(the backend's mask, position_ids (B or 1, T), cache_position (T,)) for T new tokens,
+        defaults after the tokens already cached."""
+        backend = self.attention_backend
+        batch_size, q_length = inputs_embeds.shape[:2]
+        prepared = _check_attention_mask(attention_mask, backend)
+        # A prepared mask plus cache_position (generate()'s decode step) says where the tokens go, so
+        # the cache's host bookkeeping is not read and a compiled step does not specialise on it.
+        past_seen = 0
+        if past_key_values is not None and not (prepared is not None and cache_position is not None):
+            past_seen = past_key_values.get_seq_length()
+        if cache_position is None:
+            cache_position = torch.arange(past_seen, past_seen + q_length, device=inputs_embeds.device)
+        if position_ids is None:
+            position_ids = cache_position.unsqueeze(0)  # (1, T)
+        if prepared is not None:
+            return prepared.value, position_ids, cache_position
+        mask = mask_for_forward(
+            backend.mask_format, attention_mask, position_ids=position_ids, past_key_values=past_key_values,
+            past_seen=past_seen, batch_size=batch_size, q_length=q_length, dtype=inputs_embeds.dtype,
+            device=inputs_embeds.device,
+        )
+        return mask, position_ids, cache_position
+
 
 
 class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
@@ -487,7 +492,7 @@ class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
     def forward(
         self,
         input_ids: Tensor | None = None,
-        attention_mask: Tensor | None = None,
+        attention_mask: Tensor | PreparedMask | None = None,
         position_ids: Tensor | None = None,
         past_key_values: KVCache | None = None,
         inputs_embeds: Tensor | None = None,

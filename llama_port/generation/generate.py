@@ -122,17 +122,11 @@ class GenerationMixin:
         eos_ids = eos_token_ids(config.eos_token_id if eos_token_id is None else eos_token_id)
         if pad_token_id is None:
             pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+        generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
         settings = DecodingSettings(
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            eos_ids=eos_ids,
-            pad_token_id=pad_token_id,
-            cache_implementation=cache_implementation,
-            compile=compile,
-            generator=None if seed is None else torch.Generator(device=self.device).manual_seed(seed),
+            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            eos_ids=eos_ids, pad_token_id=pad_token_id, cache_implementation=cache_implementation, compile=compile,
+            generator=generator,
         )
         with torch.inference_mode():
             return _generate(
