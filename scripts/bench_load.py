@@ -3,9 +3,10 @@
     python scripts/bench_load.py                      # builds a ~440 MB bf16 sharded LLaMA in --workdir
     python scripts/bench_load.py --checkpoint DIR --dtype auto float32 --repeats 3
 
-Every load runs in a fresh subprocess. Peak RSS is the child's own ru_maxrss, read with os.wait4
-(RUSAGE_CHILDREN would give the maximum over all children so far); the child also reports its
-RSS right after its imports, so the table shows what the load itself cost. Time is the
+Every load runs in a fresh subprocess. Peak RSS is the child's own VmHWM (not ru_maxrss, which
+execve keeps from the forking parent: a parent that built the checkpoint with transformers would
+lend every child its peak); the child also reports its RSS right after its imports, so the table shows what the load itself cost, and its VmPeak (peak
+address space, which ``ulimit -v`` and strict overcommit limit) after the load and after a forward. Time is the
 from_pretrained call alone, median over --repeats runs (after one unmeasured warm-up run per
 loader, so both read the files from the page cache).
 """
@@ -60,6 +61,7 @@ start = time.perf_counter()
 model = load()
 seconds = time.perf_counter() - start
 peak_after_load = status_mb("VmHWM")
+vm_peak_after_load = status_mb("VmPeak")  # address space: what ulimit -v and strict overcommit limit
 # Memory-mapped weights become resident when first used: one short forward shows the real cost.
 ids = torch.arange(16).reshape(1, 16) + 10
 start = time.perf_counter()
@@ -69,7 +71,8 @@ forward_seconds = time.perf_counter() - start
 params = sum(p.numel() for p in model.parameters())
 print(json.dumps({
     "seconds": seconds, "forward_seconds": forward_seconds, "after_import_mb": after_import,
-    "peak_after_load_mb": peak_after_load, "dtype": str(model.dtype), "params": params,
+    "peak_after_load_mb": peak_after_load, "vm_peak_after_load_mb": vm_peak_after_load,
+    "vm_peak_mb": status_mb("VmPeak"), "peak_mb": status_mb("VmHWM"), "dtype": str(model.dtype), "params": params,
     "logits_sum": float(logits.float().sum()),
 }))
 """
@@ -96,21 +99,15 @@ def build_checkpoint(folder: Path) -> Path:
 
 
 def run_child(loader: str, checkpoint: Path, dtype: str) -> dict:
-    """One load in a fresh interpreter; its result plus its own peak RSS."""
-    with tempfile.TemporaryFile("w+") as out:
-        env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-        proc = subprocess.Popen(
-            [sys.executable, "-c", CHILD, loader, str(checkpoint), dtype],
-            stdout=out, stderr=subprocess.DEVNULL, env=env,
-        )
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{loader} failed to load {checkpoint} (exit {proc.returncode})")
-        out.seek(0)
-        result = json.loads(out.read().strip().splitlines()[-1])
-    result["peak_mb"] = usage.ru_maxrss / 1024  # KiB on Linux
-    return result
+    """One load in a fresh interpreter; the figures it reports (see CHILD)."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, loader, str(checkpoint), dtype],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{loader} failed to load {checkpoint} (exit {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def folder_size_mb(folder: Path) -> float:
@@ -142,7 +139,8 @@ def main() -> int:
             runs = results[loader]
             summary[loader] = {
                 key: statistics.median(r[key] for r in runs)
-                for key in ("seconds", "forward_seconds", "after_import_mb", "peak_after_load_mb", "peak_mb")
+                for key in ("seconds", "forward_seconds", "after_import_mb", "peak_after_load_mb", "peak_mb",
+                            "vm_peak_after_load_mb", "vm_peak_mb")
             }
             summary[loader].update(dtype=runs[0]["dtype"].removeprefix("torch."), logits_sum=runs[0]["logits_sum"])
         rows.append((dtype, summary))
@@ -156,6 +154,8 @@ def main() -> int:
         ("1st fwd s", "forward_seconds", "{:.3f}"),
         ("peak MB, +fwd", "peak_mb", "{:.0f}"),
         ("after import MB", "after_import_mb", "{:.0f}"),
+        ("VmPeak MB, load", "vm_peak_after_load_mb", "{:.0f}"),
+        ("VmPeak MB, +fwd", "vm_peak_mb", "{:.0f}"),
     ]
     header = f"{'dtype':<9} {'loader':<14} {'model':<9}" + "".join(f"{title:>16}" for title, _, _ in columns)
     print(header)
@@ -169,6 +169,7 @@ def main() -> int:
         ratios = "".join(f"{ours[key] / theirs[key]:>16.2f}" for _, key, _ in columns)
         print(f"{dtype:<9} {'ours / tf':<14} {'':<9}{ratios}")
     print("peak MB: the process's peak RSS (imports included) after from_pretrained, and after one 16-token forward")
+    print("VmPeak MB: the process's peak virtual address space (what `ulimit -v` caps), at the same two points")
     return 0
 
 

@@ -277,3 +277,56 @@ def test_convert_into_the_source_refused(tmp_path, saved):
     folder = copy_of(saved, "single", tmp_path)
     with pytest.raises(ValueError, match="is where the source checkpoint lives"):
         convert_checkpoint(folder, folder)
+
+
+# ------------------------------------------------------------- issue 13: refused, not guessed
+def test_config_claiming_more_layers_than_the_weights_is_refused_before_building(tmp_path, saved):
+    """Item 7: num_hidden_layers 100000 over a 2-layer checkpoint: refused from the headers, at once."""
+    import time
+
+    for layout in ("single", "sharded"):
+        folder = copy_of(saved, layout, tmp_path / layout)
+        config = json.loads((folder / "config.json").read_text())
+        config["num_hidden_layers"] = 100_000
+        (folder / "config.json").write_text(json.dumps(config))
+        start = time.perf_counter()
+        with pytest.raises(CorruptCheckpointError, match=r"config\.json: num_hidden_layers=100000, but the weights "
+                           r"hold decoder layers 0\.\.1 \(2 layers\)"):
+            LlamaForCausalLM.from_pretrained(folder)
+        assert time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int8, torch.bool, torch.float8_e4m3fn])
+def test_weights_that_are_not_floating_are_refused(tmp_path, saved, dtype):
+    """Item 12 (and 16's reader side): an integer, bool or fp8 weight is never cast silently."""
+    folder = copy_of(saved, "single", tmp_path)
+    name = "model.layers.1.mlp.up_proj.weight"
+    edit_state(folder, lambda state: state.update({name: state[name].to(dtype)}))
+    expected = rf"model\.safetensors: tensor '{re.escape(name)}' has dtype {str(dtype).removeprefix('torch.')}; weights must be one of"
+    with pytest.raises(UnsupportedCheckpointError, match=expected):
+        LlamaForCausalLM.from_pretrained(folder)
+    with pytest.raises(UnsupportedCheckpointError, match=expected):
+        convert_checkpoint(folder, tmp_path / "converted")
+
+
+def test_one_weight_under_two_spellings_is_refused(tmp_path, saved):
+    """Item 13: 'model.layers.0...' and a bare 'layers.0...' would load whichever came last."""
+    folder = copy_of(saved, "single", tmp_path)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    edit_state(folder, lambda state: state.update({name.removeprefix("model."): state[name] + 1}))
+    with pytest.raises(CorruptCheckpointError, match=r"tensors '(model\.)?layers\.0\.self_attn\.q_proj\.weight' and "
+                       r"'(model\.)?layers\.0\.self_attn\.q_proj\.weight' are both 'model\.layers\.0\.self_attn\.q_proj\.weight'"):
+        LlamaForCausalLM.from_pretrained(folder)
+
+
+def test_tensor_in_two_shards_is_named_as_such(tmp_path, saved):
+    """Item 18: a tensor duplicated across shards was reported as the index's file 'lacking' it."""
+    folder = copy_of(saved, "sharded", tmp_path)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    name = "model.norm.weight"
+    other = next(f for f in sorted(set(index["weight_map"].values())) if f != index["weight_map"][name])
+    state = load_file(folder / other)
+    state[name] = load_file(folder / index["weight_map"][name])[name]
+    save_file(state, folder / other, metadata={"format": "pt"})
+    with pytest.raises(CorruptCheckpointError, match=rf"tensor '{re.escape(name)}' is also in .*; each tensor must be in one shard"):
+        LlamaForCausalLM.from_pretrained(folder)

@@ -15,7 +15,7 @@ import torch
 from conftest import ATOL, IDS, hf_load, make_hf_model, max_diff, report_max_diff, tiny_config_dict
 
 from llama_port import LlamaForCausalLM, LlamaModel
-from llama_port.checkpoints import CheckpointSource, open_checkpoint
+from llama_port.checkpoints import CheckpointSource, MissingKeysError, open_checkpoint
 
 pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -134,13 +134,16 @@ def test_tied_config_with_head_in_checkpoint(tmp_path, head):
     assert max_diff(f"tied config, {head} head", ours, hf_load(tmp_path)) <= ATOL
 
 
-def test_untied_config_without_head_ties_with_a_warning(tmp_path, hf_model):
+def test_untied_config_without_head_is_a_missing_key_unless_strict_false(tmp_path, hf_model):
+    """Issue 13, item 14: tying stays the config's call; strict=False ties with a warning."""
     hf_model.save_pretrained(tmp_path)
     state = load_file(tmp_path / "model.safetensors")
     del state["lm_head.weight"]
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MissingKeysError, match=r"lacks 1 tensors the model needs: \['lm_head.weight'\].*tie_word_embeddings=false"):
+        LlamaForCausalLM.from_pretrained(tmp_path)
     with pytest.warns(UserWarning, match="no lm_head.weight; tying"):
-        ours = LlamaForCausalLM.from_pretrained(tmp_path)
+        ours = LlamaForCausalLM.from_pretrained(tmp_path, strict=False)
     assert ours.lm_head.weight is ours.model.embed_tokens.weight
     assert ours.config.tie_word_embeddings
 

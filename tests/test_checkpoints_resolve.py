@@ -15,7 +15,7 @@ import torch
 from conftest import ATOL, max_diff
 
 from llama_port import LlamaForCausalLM
-from llama_port.checkpoints import default_checkpoint, load_tokenizer, open_checkpoint
+from llama_port.checkpoints import CheckpointNotFoundError, default_checkpoint, load_tokenizer, open_checkpoint
 
 pytest.importorskip("transformers")
 
@@ -106,6 +106,33 @@ def test_hub_cache_hf_hub_offline(hub_cache, hf_model, no_network, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     ours = LlamaForCausalLM.from_pretrained("org/tiny-llama", cache_dir=hub_cache, attn_implementation="eager")
     assert max_diff("Hub cache, HF_HUB_OFFLINE", ours, hf_model) <= ATOL
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    """The network fails as on a machine without one: names do not resolve, connections are refused."""
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    def refused(*args, **kwargs):
+        raise ConnectionRefusedError("connection refused")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(socket.socket, "connect", refused)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+
+def test_hub_cache_used_when_the_hub_is_unreachable(hub_cache, hf_model, unreachable_hub):
+    """As transformers: a cached repo loads with no network, and no flag is needed for it."""
+    ours = LlamaForCausalLM.from_pretrained("org/tiny-llama", cache_dir=hub_cache, attn_implementation="eager")
+    assert max_diff("Hub cache, Hub unreachable", ours, hf_model) <= ATOL
+
+
+def test_uncached_repo_with_the_hub_unreachable_is_one_clear_error(tmp_path, unreachable_hub):
+    with pytest.raises(CheckpointNotFoundError, match=r"^tiny-absent: not a local path, and not \(fully\) in the Hub "
+                       r"cache .* while the Hub is unreachable; download it once with network access"):
+        LlamaForCausalLM.from_pretrained("tiny-absent", cache_dir=tmp_path)
 
 
 def test_hub_download_fetches_only_what_is_needed(tmp_path, layouts, monkeypatch):

@@ -4,10 +4,12 @@ Which weights: the first of model.safetensors, model.safetensors.index.json, pyt
 pytorch_model.bin.index.json that exists (transformers' order). A sharded checkpoint's files are
 the ones its index's ``weight_map`` names (never a glob), each checked to lie inside the folder.
 
-safetensors tensors come from safetensors' lazy memory map, opened once per group (a decoder
-layer): a group the loader converts is unmapped once dropped, so touched pages never pile up, and
-a group it keeps costs no copy. Every header is parsed and checked here first (dtype, shape,
-offsets, file length), so a truncated shard fails before any weight is placed. ``.bin`` files go
+safetensors tensors are views of one private (copy-on-write) memory map per file, mapped once per
+load, so the address space grows by the checkpoint's size and no more; the pages of each group
+(a decoder layer) are released once the loader has consumed it, so touched pages never pile up,
+and a group it keeps costs no copy. Every header is parsed and checked here first (dtype, shape,
+offsets, file length, names unique across shards, layer count against config.json), so a
+truncated or inconsistent shard fails before any weight is placed. ``.bin`` files go
 through ``torch.load(weights_only=True, mmap=True)``: a pickle that would run code is refused, not run.
 """
 
@@ -15,9 +17,10 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import pickle
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -33,6 +36,7 @@ from .errors import (
     UnsupportedCheckpointError,
     first_line,
 )
+from .names import layer_index
 from .source import CheckpointSource
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -266,23 +270,38 @@ def _parse_entry(path: Path, name: str, info: Any, data_start: int) -> TensorEnt
     return TensorEntry(name, dtype, tuple(shape), data_start + offsets[0], nbytes)
 
 
-def map_tensors(path: Path, entries: list[TensorEntry], file_size: int) -> dict[str, Tensor]:
-    """``entries`` as safetensors' lazy tensors: views of a private (copy-on-write) memory map.
-
-    Nothing is read until a tensor is used. One map per call: it goes away, with every page it
-    brought in, once the last of its tensors is dropped; so a group the loader converts leaves
-    nothing resident, and a group it keeps stays in the page cache (shared, evictable), as
-    transformers keeps it. Each tensor has a storage of its own size, like any other tensor.
-    """
-    from safetensors import SafetensorError, safe_open
-
+def map_file(path: Path, file_size: int) -> mmap.mmap:
+    """A private (copy-on-write) read map of the whole file: tensors made from it are writable,
+    and writing one never reaches the file. CorruptCheckpointError if the file changed size."""
     if path.stat().st_size != file_size:
         raise CorruptCheckpointError(f"{path}: the file changed size while it was being loaded")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {entry.name: f.get_tensor(entry.name) for entry in entries}
-    except SafetensorError as err:
-        raise CorruptCheckpointError(f"{path}: {err}") from err
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+
+
+def map_tensors(mapped: mmap.mmap, entries: list[TensorEntry]) -> dict[str, Tensor]:
+    """``entries`` as tensors viewing ``mapped`` (nothing is read until a tensor is used); each
+    has a storage of its own size and keeps the map alive."""
+    tensors = {}
+    for entry in entries:
+        if entry.nbytes == 0:
+            tensors[entry.name] = torch.empty(entry.shape, dtype=entry.dtype)
+            continue
+        flat = torch.frombuffer(mapped, dtype=entry.dtype, count=entry.nbytes // entry.dtype.itemsize, offset=entry.start)
+        tensors[entry.name] = flat.view(entry.shape)
+    return tensors
+
+
+def release_pages(mapped: mmap.mmap, entries: list[TensorEntry]) -> None:
+    """Drop the resident pages of ``entries``' bytes from the private map (MADV_DONTNEED). The
+    pages are clean (nothing wrote them), so a tensor still viewing them reads them back from
+    the file on its next use; the loader's RSS stays at what it keeps."""
+    if not hasattr(mapped, "madvise") or not entries:
+        return
+    start = min(e.start for e in entries) // mmap.PAGESIZE * mmap.PAGESIZE
+    end = max(e.start + e.nbytes for e in entries)
+    if end > start:
+        mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def _group_key(name: str) -> str:
@@ -304,6 +323,10 @@ def _safetensors_source(
         entries = read_safetensors_header(path)
         groups: dict[str, list[TensorEntry]] = {}
         for entry in entries:
+            if entry.name in tensor_files:
+                raise CorruptCheckpointError(
+                    f"{path}: tensor {entry.name!r} is also in {tensor_files[entry.name]}; each tensor must be in one shard"
+                )
             groups.setdefault(_group_key(entry.name), []).append(entry)
             tensor_files[entry.name] = path
         size = path.stat().st_size
@@ -314,10 +337,16 @@ def _safetensors_source(
                 raise CorruptCheckpointError(
                     f"{folder / shard}: the index puts tensor {name!r} here, but the file lacks it"
                 )
+    check_layer_count(config, tensor_files, folder)
 
     def iter_groups() -> Iterator[dict[str, Tensor]]:
+        maps: dict[Path, mmap.mmap] = {}  # one map per file for this iteration
         for path, size, group in plan:
-            yield map_tensors(path, group, size)
+            if path not in maps:
+                maps.clear()  # the previous file's map lives on only through tensors kept from it
+                maps[path] = map_file(path, size)
+            yield map_tensors(maps[path], group)
+            release_pages(maps[path], group)  # the loader has placed this group
 
     return CheckpointSource(
         format="safetensors",
@@ -365,12 +394,16 @@ def _bin_source(
     weight_map: dict[str, str] | None,
     tokenizer_files: list[Path],
 ) -> CheckpointSource:
-    dtype = _config_dtype(config)
-    if dtype is None:
-        # The first file is only mapped here, not read: finding its dtype costs one header.
-        dtype = _first_float_dtype(t.dtype for t in load_bin(files[0]).values())
-
     tensor_files = {name: folder / shard for name, shard in (weight_map or {}).items()}
+    dtype = _config_dtype(config)
+    if dtype is None or weight_map is None:
+        # The first file is only mapped here, not read: its dtype and names cost one header.
+        first = load_bin(files[0])
+        dtype = dtype or _first_float_dtype(t.dtype for t in first.values())
+        if weight_map is None:
+            tensor_files = dict.fromkeys(first, files[0])
+        del first
+    check_layer_count(config, tensor_files, folder)
 
     def iter_groups() -> Iterator[dict[str, Tensor]]:
         for path in files:
@@ -390,6 +423,18 @@ def _bin_source(
         tensor_files=tensor_files,
         owns_tensors=False,
     )
+
+
+def check_layer_count(config: LlamaConfig, tensor_names: Iterable[str], where: Path) -> None:
+    """CorruptCheckpointError when config.json's num_hidden_layers is not the number of decoder
+    layers the weights hold: checked before a model is built, so a config claiming 100000 layers
+    over a 3-layer checkpoint costs nothing."""
+    layers = {index for name in tensor_names if (index := layer_index(name)) is not None}
+    if layers and config.num_hidden_layers != max(layers) + 1:
+        raise CorruptCheckpointError(
+            f"{where / CONFIG_NAME}: num_hidden_layers={config.num_hidden_layers}, but the weights hold "
+            f"decoder layers 0..{max(layers)} ({max(layers) + 1} layers)"
+        )
 
 
 # ------------------------------------------------------------------------------------------ dtypes

@@ -29,9 +29,16 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ..attention import default_attn_implementation, get_backend
-from ..dtypes import dtype_name, parse_dtype
+from ..dtypes import DTYPES, dtype_name, parse_dtype
 from ..modeling import LlamaRotaryEmbedding
-from .errors import MissingKeysError, ShapeMismatchError, UnexpectedKeysError, format_keys
+from .errors import (
+    CorruptCheckpointError,
+    MissingKeysError,
+    ShapeMismatchError,
+    UnexpectedKeysError,
+    UnsupportedCheckpointError,
+    format_keys,
+)
 from .resolve import HubOptions, open_checkpoint
 from .source import CheckpointSource
 
@@ -279,12 +286,16 @@ def iter_parameter_tensors(
     progress: bool | None,
 ) -> Iterator[tuple[str, str, Tensor]]:
     """Every checkpoint tensor that maps to one of ``params``, as (our name, the parameter it fills,
-    tensor), its shape checked against the parameter's (ShapeMismatchError naming the file).
+    tensor), checked before anything is placed: its shape against the parameter's
+    (ShapeMismatchError), its dtype a floating one we load (UnsupportedCheckpointError: an integer
+    or bool weight is never cast silently), and no parameter filled twice under two spellings
+    (CorruptCheckpointError naming both); each error names the file.
 
     Checkpoint names that map to no parameter are appended to ``unexpected``; names mapped to None
     (buffers recomputed from the config) are skipped. ``aliases`` maps a tied name (lm_head.weight)
     to the parameter it shares. Drives a progress bar over the source's groups."""
     rename = _name_mapper(set(params) | set(aliases))
+    spelled: dict[str, str] = {}  # our name -> the checkpoint name that filled it
     bar = progress_bar(source.num_groups, f"{verb} {source.root.name or source.root}", progress)
     try:
         for group in source.iter_groups():
@@ -296,6 +307,17 @@ def iter_parameter_tensors(
                 if target not in params:
                     unexpected.append(checkpoint_name)
                     continue
+                if name in spelled:
+                    raise CorruptCheckpointError(
+                        f"{source.file_of(checkpoint_name)}: tensors {spelled[name]!r} and {checkpoint_name!r} "
+                        f"are both {name!r}; a checkpoint must hold each weight once"
+                    )
+                spelled[name] = checkpoint_name
+                if tensor.dtype not in DTYPES.values():
+                    raise UnsupportedCheckpointError(
+                        f"{source.file_of(checkpoint_name)}: tensor {checkpoint_name!r} has dtype "
+                        f"{dtype_name(tensor.dtype)}; weights must be one of {sorted(DTYPES)}"
+                    )
                 if tuple(tensor.shape) != tuple(params[target].shape):
                     raise ShapeMismatchError(
                         f"{source.file_of(checkpoint_name)}: tensor {checkpoint_name!r} has shape "
@@ -445,18 +467,21 @@ def resolve_missing(
     strict: bool,
     shapes: dict[str, Tensor],
 ) -> list[str]:
-    """The missing tensor names left to initialise, after tying a missing head to the embedding
-    (config.tie_word_embeddings is set). strict: raise MissingKeysError, then UnexpectedKeysError;
-    otherwise warn about both."""
+    """The missing tensor names left to initialise. strict: raise MissingKeysError, then
+    UnexpectedKeysError; otherwise warn about both, and tie a missing head to the embedding (a
+    checkpoint without one is most likely a tied one). Tying is otherwise the config's call
+    (tie_word_embeddings): with strict, an untied config without lm_head is a missing key."""
     missing = sorted(expected - loaded)
     head, embedding = "lm_head.weight", "model.embed_tokens.weight"
-    if head in missing and embedding in loaded and shapes[head].shape == shapes[embedding].shape:
-        # A checkpoint without a head is a tied one, whatever its config says.
+    untied_head_missing = head in missing and embedding in loaded and shapes[head].shape == shapes[embedding].shape
+    if untied_head_missing and not strict:
         warnings.warn(f"{source.root}: no {head}; tying the output head to the input embeddings", stacklevel=5)
         config.tie_word_embeddings = True
         missing.remove(head)
     if strict and missing:
         also = f"; it also holds {len(unexpected)} unexpected: {format_keys(unexpected, 5)}" if unexpected else ""
+        if untied_head_missing:
+            also += "; with tie_word_embeddings=false the head is a weight of its own (set it true to tie it)"
         raise MissingKeysError(
             f"{source.root}: the checkpoint lacks {len(missing)} tensors the model needs: {format_keys(missing)}{also}",
             missing,

@@ -96,11 +96,18 @@ def download_from_hub(repo_id: str, hub: HubOptions = HubOptions(), weights: boo
     where = f"{repo_id}" + (f" (revision {revision!r})" if revision else "")
     common: dict[str, Any] = dict(repo_id=repo_id, cache_dir=hub.cache_dir, token=hub.token)
     offline = local_files_only or hub_offline()
+    unreachable = False
     try:
-        if offline:
+        if not offline:
+            try:
+                info = HfApi(token=hub.token).model_info(repo_id, revision=revision)
+            except Exception as err:  # noqa: BLE001 - only the network's errors are handled here
+                if not is_connection_error(err):
+                    raise
+                unreachable = True  # as transformers: no network, so the cached snapshot if any
+        if offline or unreachable:
             # The cached snapshot as it is; missing files are reported by the reader, naming them.
             return Path(snapshot_download(**common, revision=revision, local_files_only=True))
-        info = HfApi(token=hub.token).model_info(repo_id, revision=revision)
         files = {sibling.rfilename for sibling in info.siblings or []}
         first, index = plan_hub_files(files, where, weights)
         folder = Path(snapshot_download(**common, revision=revision, allow_patterns=[_literal(f) for f in first]))
@@ -124,11 +131,23 @@ def download_from_hub(repo_id: str, hub: HubOptions = HubOptions(), weights: boo
         if local_files_only:
             reason = "local_files_only=True"
         else:
-            reason = "HF_HUB_OFFLINE is set" if offline else "the Hub is unreachable"
+            reason = "the Hub is unreachable" if unreachable or not offline else "HF_HUB_OFFLINE is set"
         raise CheckpointNotFoundError(
             f"{where}: not a local path, and not (fully) in the Hub cache {hub.cache_dir or 'at the default location'} "
             f"while {reason}; download it once with network access ({first_line(err)})"
         ) from err
+
+
+# The transport errors of the HTTP clients huggingface_hub has used (httpx, httpx2, requests), by
+# class name: which client is installed varies, and none of them needs importing to be recognised.
+_CONNECTION_ERROR_CLASSES = ("TransportError", "ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout")
+
+
+def is_connection_error(err: BaseException) -> bool:
+    """Whether ``err`` says the Hub could not be reached (DNS, refused, timed out), not that it answered."""
+    return isinstance(err, (ConnectionError, TimeoutError)) or any(
+        cls.__name__ in _CONNECTION_ERROR_CLASSES for cls in type(err).__mro__
+    )
 
 
 def plan_hub_files(files: set[str], where: str, weights: bool = True) -> tuple[list[str], str | None]:
