@@ -9,6 +9,7 @@ layout, .bin) from a tiny random model; our logits after loading are compared wi
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -241,3 +242,29 @@ def test_progress_bar(layouts, capsys):
     LlamaForCausalLM.from_pretrained(layouts["sharded"])  # not a terminal: silent
     LlamaForCausalLM.from_pretrained(layouts["sharded"], progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_address_space_grows_by_the_checkpoint_once(tmp_path):
+    """Issue 13, item 10: one memory map per file, not one per layer group (which took SmolLM2's
+    0.54 GB to a 17 GB VmPeak and failed under ``ulimit -v``). Measured in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    hf = make_hf_model(tiny_config_dict(num_hidden_layers=24, hidden_size=128, intermediate_size=256))
+    hf.save_pretrained(tmp_path)
+    size_mb = (tmp_path / "model.safetensors").stat().st_size / 2**20
+    code = (
+        "import sys, torch\n"
+        "def vm_peak():\n"
+        "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmPeak:')) / 1024\n"
+        "from llama_port import LlamaForCausalLM\n"
+        "torch.ones(1) + 1\n"  # torch's own first-use allocations, before the measurement
+        "before = vm_peak()\n"
+        "LlamaForCausalLM.from_pretrained(sys.argv[1], dtype='auto', progress=False)\n"
+        "print(vm_peak() - before)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env, check=True)
+    growth_mb = float(run.stdout.strip().splitlines()[-1])
+    print(f"[memory] checkpoint {size_mb:.1f} MB in 25 groups: VmPeak grew {growth_mb:.1f} MB while loading")
+    assert growth_mb < 3 * size_mb + 16  # one map of the file plus the model's own small buffers
