@@ -179,3 +179,31 @@ def test_attn_choices_come_from_the_backend_registry():
     parity_parser = parser._subparsers._group_actions[0].choices["parity"]
     attn = next(a for a in parity_parser._actions if a.dest == "attn")
     assert list(attn.choices) == sorted(BACKENDS)
+
+
+# ------------------------------------------------------------- issue 13: refused before the run
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--seq-len", "100000000"], "--seq-len 100000000 exceeds the checkpoint's max_position_embeddings=64"),
+        (["--batch", "100000000"], "--batch 100000000 x --seq-len 32 needs about"),
+        (["--json", "{tmp}"], "is a folder; give a file path"),
+        (["--plot", "{tmp}/missing/plot.png"], "does not exist"),
+    ],
+)
+def test_parity_refuses_before_loading(tiny_checkpoint, tmp_path, monkeypatch, capsys, extra, message):
+    """Item 8 and item 17's --json: refused in well under a second, before any model is loaded."""
+    import time
+
+    from llama_port.cli import parity as parity_command
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(parity_command, "load_reference", no_load)
+    monkeypatch.setattr(parity_command, "load_model", no_load)
+    argv = ["parity", str(tiny_checkpoint), "--quiet"] + [a.replace("{tmp}", str(tmp_path)) for a in extra]
+    start = time.perf_counter()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and time.perf_counter() - start < 5

@@ -223,6 +223,9 @@ def test_sampling_follows_the_filtered_distribution():
         (dict(do_sample=True, top_p=1.5), "top_p"),
         (dict(do_sample=True, temperature=-0.5), "temperature"),
         (dict(do_sample=True, temperature=0.0), "temperature"),
+        (dict(do_sample=True, temperature=float("nan")), "temperature=nan"),  # issue 13, item 17
+        (dict(do_sample=True, temperature=float("inf")), "temperature=inf"),
+        (dict(do_sample=True, top_p=float("nan")), "top_p=nan"),
         (dict(top_k=-1), "top_k"),
         (dict(cache_implementation="paged"), "cache_implementation"),
         (dict(compile=True), "compile"),

@@ -8,6 +8,7 @@ FileNotFoundError, which main() turns into exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -70,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     with _Progress(err_console, show_progress) as progress, tempfile.TemporaryDirectory() as tmp:
         progress.step("finding the checkpoint")
         source = open_source(args.checkpoint)
+        _check_batch_fits(args, source.config)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             progress.step(f"loading the reference (transformers, {args.dtype}, {reference_attn})")
@@ -144,12 +146,65 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--attn flash_attention_2 needs --device cuda")
     if args.prompt is not None and not all(p.strip() for p in args.prompt):
         raise ValueError("--prompt: empty prompt text")
-    for flag in ("json", "plot"):
-        value = getattr(args, flag)
-        if value and value != "-" and not Path(value).resolve().parent.is_dir():
-            raise FileNotFoundError(f"--{flag} {value}: folder {Path(value).resolve().parent} does not exist")
     if args.plot == "-":
         raise ValueError("--plot needs a file path (a PNG), not '-'")
+    for flag in ("json", "plot"):
+        value = getattr(args, flag)
+        if value and value != "-":
+            _check_writable(f"--{flag}", Path(value))
+
+
+def _check_writable(flag: str, path: Path) -> None:
+    """Before the run, not after it: the report's file must be one we can write."""
+    folder = path.resolve().parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{flag} {path}: folder {folder} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{flag} {path}: is a folder; give a file path")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"{flag} {path}: not writable here")
+
+
+def _check_batch_fits(args: argparse.Namespace, config: Any) -> None:
+    """Refuse, before loading anything, a random batch longer than the model's context or larger
+    than the memory it would take (ValueError naming the flag, the bound and the estimate)."""
+    if args.seq_len > config.max_position_embeddings:
+        raise ValueError(
+            f"--seq-len {args.seq_len} exceeds the checkpoint's max_position_embeddings={config.max_position_embeddings}"
+        )
+    rows = args.batch + len(args.prompt or DEFAULT_PROMPTS)
+    needed = _parity_bytes(config, rows, args.seq_len, models=3 if args.dtype in LOW_PRECISION_DTYPES else 2)
+    available = _available_memory()
+    if available is not None and needed > available:
+        raise ValueError(
+            f"--batch {args.batch} x --seq-len {args.seq_len} needs about {needed / 2**30:.1f} GiB for the weights, "
+            f"logits and per-layer states of the compared models; {available / 2**30:.1f} GiB is available. "
+            "Lower --batch or --seq-len"
+        )
+
+
+def _parity_bytes(config: Any, rows: int, seq_len: int, models: int) -> int:
+    """A floor on compare()'s memory, in float32: every model's weights, its logits (B, T, V) and its
+    per-layer hidden states (L + 3 probes of (B, T, C)), plus the float64 KL of one logits copy."""
+    hidden, heads = config.hidden_size, config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    layer = hidden * (2 * heads + 2 * kv) + 3 * hidden * config.intermediate_size
+    weights = config.vocab_size * hidden * 2 + config.num_hidden_layers * layer
+    tokens = rows * seq_len
+    activations = tokens * (config.vocab_size + (config.num_hidden_layers + 3) * hidden)
+    return 4 * models * (weights + activations) + 8 * 2 * tokens * config.vocab_size
+
+
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes; None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def _is_own_warning(w: warnings.WarningMessage) -> bool:

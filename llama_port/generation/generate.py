@@ -17,6 +17,7 @@ tokens the same on both sides (~0.8 s).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -243,7 +244,7 @@ def _check_generation_arguments(
 ) -> None:
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}; expected an int >= 1")
-    if temperature is None or temperature < 0:
+    if temperature is None or not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature={temperature!r}; expected a float > 0 (or do_sample=False for greedy)")
     if do_sample and temperature == 0:
         raise ValueError("temperature=0 with do_sample=True; use do_sample=False for greedy decoding")
