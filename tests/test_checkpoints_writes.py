@@ -23,7 +23,7 @@ from conftest import copy_of, logits_of, make_hf_model, tiny_config_dict, write_
 
 import llama_port
 from llama_port import LlamaForCausalLM
-from llama_port.checkpoints import atomic, convert_checkpoint
+from llama_port.checkpoints import atomic, convert_checkpoint, saving
 from llama_port.cli import main
 from llama_port.configuration import LlamaConfig
 
@@ -66,7 +66,7 @@ def temporaries(folder: Path) -> list[str]:
     return sorted(p.name for p in [*folder.parent.iterdir(), *folder.rglob("*")] if p.name.startswith("."))
 
 
-def python(code: str, args: list, stdout=None, stderr=None, wrapper: list[str] = []) -> subprocess.Popen:
+def python(code: str, args: list, stdout=None, stderr=None, wrapper: tuple[str, ...] = ()) -> subprocess.Popen:
     """``code`` run with ``args`` in a fresh interpreter (through ``wrapper``) that imports this tree's llama_port."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
@@ -170,7 +170,26 @@ def test_sigterm_mid_convert_cleans_up_and_dies_by_the_signal(dst, saved):
     assert temporaries(dst) == []
 
 
-def test_sigkill_mid_convert_leaves_a_folder_the_next_write_removes(dst, saved, tmp_path):
+def test_sigint_mid_save_cleans_up_then_raises_keyboard_interrupt(dst, saved, monkeypatch):
+    """In process: the handlers in place before the write are back, and SIGINT still means KeyboardInterrupt."""
+    before = contents(dst)
+    model = LlamaForCausalLM.from_pretrained(saved["single"])
+    write_shard = saving._write_shard
+
+    def interrupted_write_shard(shard, path, safe_serialization):
+        write_shard(shard, path, safe_serialization)
+        signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(saving, "_write_shard", interrupted_write_shard)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(dst, max_shard_size="100KB")
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+    assert_holds(dst, before)
+    assert temporaries(dst) == []
+
+
+def test_sigkill_mid_convert_leaves_a_folder_the_next_write_removes(dst, saved):
     before = contents(dst)
     child, staging = start_slow_convert(saved["single"], dst)
     child.kill()
@@ -248,11 +267,11 @@ except ValueError as err:
 
 def test_dst_that_is_read_only(dst, saved):
     """Run where permissions apply: as root, without the capabilities that override them (setpriv)."""
-    wrapper = []
+    wrapper = ()
     if os.geteuid() == 0:
         if shutil.which("setpriv") is None:
             pytest.skip("root writes through any permission, and setpriv is not there to drop that")
-        wrapper = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner"]
+        wrapper = ("setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner")
     before = contents(dst)
     dst.chmod(0o555)
     try:
@@ -289,15 +308,18 @@ def test_float8_is_written_only_as_a_dtype_the_loader_reads(tmp_path, hf_model):
 
 # --------------------------------------------------------------------------- save_pretrained
 def test_save_pretrained_replaces_the_model_files_and_keeps_the_rest(dst, saved):
-    """As transformers: the earlier save's shards and index go, the tokenizer and a README stay."""
+    """As transformers: the earlier save's shards and index go; the tokenizer, a README and a
+    folder stay, carried over as hard links (the same files, not copies)."""
     (dst / "README.md").write_text("my model")
+    (dst / "original").mkdir()
+    (dst / "original" / "params.json").write_text("{}")
     kept = sorted(p.name for p in dst.iterdir() if not p.name.startswith(("model", "config")))
+    inodes = {name: (dst / name).stat().st_ino for name in ["README.md", "tokenizer.json", "original/params.json"]}
     model = LlamaForCausalLM.from_pretrained(saved["single"])
-    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     model.save_pretrained(dst)
-    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # restored
     assert sorted(p.name for p in dst.iterdir()) == sorted([*kept, "config.json", "model.safetensors"])
     assert "tokenizer.json" in kept and (dst / "README.md").read_text() == "my model"
+    assert {name: (dst / name).stat().st_ino for name in inodes} == inodes
     assert torch.equal(contents(dst)[1], logits_of(model))
     assert temporaries(dst) == []
 
