@@ -132,6 +132,7 @@ def _recover_or_remove_stale(folder: Path) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (a reused pid counts as alive: its folder waits for a later write)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
