@@ -7,6 +7,15 @@ split by huggingface_hub's split_torch_state_dict_into_shards; pytorch_model*.bi
 
 ``convert_checkpoint``: any readable checkpoint to that layout without building a model: the
 source's groups stream into shards of at most max_shard_size, so memory holds one shard.
+
+Both write the whole new checkpoint into a temporary folder beside the destination and swap it in
+(``atomic.replace_folder``), so a failure or a kill at any point leaves the old checkpoint or the new
+one there, never a mix. ``save_pretrained`` replaces the model's files (config.json, the weights and
+index of either format) as a set and keeps the folder's other files (a tokenizer, a README), as
+transformers does; ``convert_checkpoint`` refuses a non-empty destination unless ``overwrite=True``,
+then replaces all of it, and never writes or deletes a source file, symlinks resolved. Neither
+writes a floating dtype the loader refuses (``dtypes.DTYPES``): a float8 source converts with
+``dtype="bfloat16"``.
 """
 
 from __future__ import annotations
@@ -22,16 +31,31 @@ import torch
 from torch import Tensor, nn
 
 from ..configuration import CONFIG_NAME
-from ..dtypes import dtype_name, parse_dtype
+from ..dtypes import DTYPES, dtype_name, parse_dtype
 from ..modeling import LlamaForCausalLM
+from .atomic import replace_folder
 from .hub import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 from .loading import build_meta_model, iter_parameter_tensors, resolve_missing, settle_tied_head, tied_aliases
 from .resolve import HubOptions, open_checkpoint
+from .source import CheckpointSource
 
 SAFETENSORS_METADATA = {"format": "pt"}
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*\Z", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def _weights_files(weights_name: str, index_name: str) -> str:
+    stem, suffix = weights_name.split(".", 1)
+    return rf"{re.escape(stem)}(-\d{{5}}-of-\d{{5}})?\.{re.escape(suffix)}|{re.escape(index_name)}"
+
+
+# What a save replaces as a set: config.json and the weights, single or sharded, in either format.
+_MODEL_FILES = re.compile("|".join([
+    re.escape(CONFIG_NAME),
+    _weights_files(SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME),
+    _weights_files(WEIGHTS_NAME, WEIGHTS_INDEX_NAME),
+]))
 
 
 def parse_size(size: int | str) -> int:
@@ -55,8 +79,6 @@ def save_pretrained(
     from huggingface_hub import split_torch_state_dict_into_shards
 
     directory = Path(save_directory)
-    if directory.is_file():
-        raise ValueError(f"{directory}: is a file; save_pretrained needs a folder")
     state = model.state_dict()
     offloaded = [name for name, t in state.items() if t.is_meta]
     if offloaded:
@@ -66,6 +88,8 @@ def save_pretrained(
         )
     for alias in tied_aliases(model):
         state.pop(alias, None)  # as transformers: the tied head is not written, the loader re-ties it
+    for name, tensor in state.items():
+        _check_loadable(name, tensor.dtype, directory, "cast the model first, e.g. model.to(torch.bfloat16)")
 
     if safe_serialization:
         weights_name, index_name = SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME
@@ -79,48 +103,46 @@ def save_pretrained(
         filename_pattern=f"{stem}{{suffix}}.{suffix}",
         max_shard_size=parse_size(max_shard_size),
     )
-    directory.mkdir(parents=True, exist_ok=True)
-    _remove_stale_weights(directory, weights_name, index_name, keep=set(split.filename_to_tensors))
-    for filename, names in split.filename_to_tensors.items():
-        shard = {name: state[name].detach().to("cpu").contiguous() for name in names}
-        if not safe_serialization:  # torch.save writes whole storages: a view would drag its file along
-            shard = {name: _standalone(tensor) for name, tensor in shard.items()}
-        _write_shard(shard, directory / filename, safe_serialization)
-        del shard
-    if split.is_sharded:
-        index = {"metadata": dict(split.metadata), "weight_map": dict(sorted(split.tensor_to_filename.items()))}
-        (directory / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
     config = model.config.copy()
     config.dtype = dtype_name(next(iter(state.values())).dtype) if state else config.dtype
-    config.save_pretrained(directory)
+    with replace_folder(directory, overwrite=True, keep=lambda name: not _MODEL_FILES.fullmatch(name)) as staging:
+        for filename, names in split.filename_to_tensors.items():
+            shard = {name: state[name].detach().to("cpu").contiguous() for name in names}
+            if not safe_serialization:  # torch.save writes whole storages: a view would drag its file along
+                shard = {name: _standalone(tensor) for name, tensor in shard.items()}
+            _write_shard(shard, staging / filename, safe_serialization)
+            del shard
+        if split.is_sharded:
+            index = {"metadata": dict(split.metadata), "weight_map": dict(sorted(split.tensor_to_filename.items()))}
+            _write_index(index, staging / index_name)
+        config.save_pretrained(staging)
     return directory
 
 
+def _check_loadable(name: str, dtype: torch.dtype, where: Path, fix: str) -> None:
+    """ValueError unless a tensor written as ``dtype`` is one the loader reads back: never write a
+    checkpoint llama_port refuses (a floating dtype outside dtypes.DTYPES, e.g. float8)."""
+    if dtype.is_floating_point and dtype not in DTYPES.values():
+        raise ValueError(
+            f"{where}: tensor {name!r} would be written as {dtype_name(dtype)}, which llama_port does not "
+            f"load (floating dtypes: {sorted(DTYPES)}); {fix}"
+        )
+
+
 def _write_shard(shard: dict[str, Tensor], path: Path, safe_serialization: bool) -> None:
-    """Write to a temporary file, then rename over ``path``: a model loaded from ``path`` keeps its
-    weights memory-mapped, and rewriting the file in place would pull them from under it (SIGBUS)."""
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        if safe_serialization:
-            from safetensors.torch import save_file
+    """One weights file, always a new one in the temporary folder: a model loaded from the old
+    folder keeps its weights memory-mapped, and rewriting a file in place would pull them from under
+    it (SIGBUS)."""
+    if safe_serialization:
+        from safetensors.torch import save_file
 
-            save_file(shard, str(partial), metadata=SAFETENSORS_METADATA)
-        else:
-            torch.save(shard, partial)
-        partial.replace(path)
-    finally:
-        partial.unlink(missing_ok=True)
+        save_file(shard, str(path), metadata=SAFETENSORS_METADATA)
+    else:
+        torch.save(shard, path)
 
 
-def _remove_stale_weights(directory: Path, weights_name: str, index_name: str, keep: set[str]) -> None:
-    """Delete weights of this format left by an earlier save (another shard count) that would
-    otherwise be read instead of, or beside, the new ones."""
-    stem, suffix = weights_name.split(".", 1)
-    stale = re.compile(rf"{re.escape(stem)}(-\d{{5}}-of-\d{{5}})?\.{re.escape(suffix)}\Z")
-    for path in directory.iterdir():
-        if path.is_file() and path.name not in keep and (stale.match(path.name) or path.name == index_name):
-            path.unlink()
+def _write_index(index: dict, path: Path) -> None:
+    path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 # --------------------------------------------------------------------------------------- convert
@@ -130,6 +152,7 @@ def convert_checkpoint(
     dtype: str | torch.dtype = "auto",
     max_shard_size: int | str = "5GB",
     *,
+    overwrite: bool = False,
     progress: bool | None = None,
     hub: HubOptions = HubOptions(),
 ) -> Path:
@@ -139,15 +162,19 @@ def convert_checkpoint(
     source's), and the tokenizer: the source's tokenizer files copied, or for GGUF one built by
     transformers (when installed) from the file's metadata. Tensors are checked against the config
     as a load checks them (shapes, missing, unexpected). ``hub``: for a Hub repo id. Returns ``dst``.
+
+    ValueError, with ``dst`` untouched: ``dst`` is a file, a mount point, not writable, the source's
+    folder or holds a source file (symlinks resolved), or is not empty and ``overwrite`` is False;
+    or the source's dtype is one the loader refuses (float8: pass ``dtype="bfloat16"``).
+    ``overwrite`` replaces all of a non-empty ``dst``: nothing of the old checkpoint (shards,
+    tokenizer, chat template) stays.
     """
     out_dtype = parse_dtype(dtype)
     max_bytes = parse_size(max_shard_size)
     source = open_checkpoint(src, hub)
     out_dtype = out_dtype or source.dtype
     dst = Path(dst)
-    source_folders = {source.root.resolve(), *(f.parent.resolve() for f in source.files)}
-    if dst.exists() and dst.resolve() in source_folders:
-        raise ValueError(f"{dst}: is where the source checkpoint lives; convert to another folder")
+    _refuse_writing_the_source(source, dst)
 
     meta_model = build_meta_model(LlamaForCausalLM, source.config, out_dtype, None)
     params = dict(meta_model.named_parameters())
@@ -156,11 +183,12 @@ def convert_checkpoint(
     unexpected: list[str] = []
     heads: dict[str, Tensor] = {}  # a tied head found in the checkpoint, settled at the end
     tied_targets: dict[str, Tensor] = {}  # the tensors such a head is compared with
-    dst.mkdir(parents=True, exist_ok=True)
-    writer = _ShardWriter(dst, max_bytes)
-    try:
+    fix = "dtype='auto' keeps the source's; pass dtype='bfloat16' (llama-port convert --dtype bfloat16)"
+    with replace_folder(dst, overwrite=overwrite) as staging:
+        writer = _ShardWriter(staging, max_bytes)
         for name, _, tensor in iter_parameter_tensors(source, params, aliases, unexpected, "converting", progress):
             tensor = _standalone(tensor.to(out_dtype) if tensor.is_floating_point() else tensor)
+            _check_loadable(name, tensor.dtype, source.file_of(name), fix)
             if name in aliases:
                 heads[name] = tensor
                 continue
@@ -177,15 +205,25 @@ def convert_checkpoint(
                 loaded.add(target)
         resolve_missing(set(params), loaded, unexpected, source, meta_model.config, strict=True, shapes=params)
         writer.finish()
-    except BaseException:
-        writer.abort()
-        raise
-
-    config = meta_model.config.copy()
-    config.dtype = dtype_name(out_dtype)
-    config.save_pretrained(dst)
-    _write_tokenizer(source, dst)
+        config = meta_model.config.copy()
+        config.dtype = dtype_name(out_dtype)
+        config.save_pretrained(staging)
+        _write_tokenizer(source, staging)
     return dst
+
+
+def _refuse_writing_the_source(source: CheckpointSource, dst: Path) -> None:
+    """ValueError when ``dst`` is the source's folder or holds one of its files once symlinks are
+    resolved: replacing ``dst`` would delete the source."""
+    target = dst.resolve()
+    if target == source.root.resolve():
+        raise ValueError(f"{dst}: is where the source checkpoint lives; convert to another folder")
+    for path in [*source.files, *source.tokenizer_files]:
+        if path.resolve().is_relative_to(target):
+            raise ValueError(
+                f"{dst}: holds the source file {path} (resolved: {path.resolve()}); replacing {dst} would "
+                "delete it: convert to another folder"
+            )
 
 
 def _standalone(tensor: Tensor) -> Tensor:
@@ -198,8 +236,8 @@ def _standalone(tensor: Tensor) -> Tensor:
 
 class _ShardWriter:
     """Packs tensors into safetensors shards of at most ``max_bytes`` (a bigger tensor gets its own),
-    as split_torch_state_dict_into_shards does, writing each shard as it fills; final names once
-    the count is known."""
+    as split_torch_state_dict_into_shards does, writing each shard into ``directory`` as it fills;
+    final names once the count is known."""
 
     def __init__(self, directory: Path, max_bytes: int) -> None:
         self.directory = directory
@@ -231,22 +269,17 @@ class _ShardWriter:
             [SAFE_WEIGHTS_NAME] if count == 1
             else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
         )
-        _remove_stale_weights(self.directory, SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, keep=set())
         weight_map = {}
         for (partial, tensors), name in zip(self.written, names):
-            partial.replace(self.directory / name)
+            partial.rename(self.directory / name)
             weight_map.update(dict.fromkeys(tensors, name))
         if count > 1:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
-            (self.directory / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-    def abort(self) -> None:
-        for partial, _ in self.written:
-            partial.unlink(missing_ok=True)
-        self.current = {}
+            _write_index(index, self.directory / SAFE_WEIGHTS_INDEX_NAME)
 
 
-def _write_tokenizer(source, dst: Path) -> None:
+def _write_tokenizer(source: CheckpointSource, dst: Path) -> None:
+    """The source's tokenizer files (not its config.json) into ``dst``; for GGUF, one built by transformers."""
     for path in source.tokenizer_files:
         if path.name != CONFIG_NAME:
             shutil.copyfile(path, dst / path.name)

@@ -17,9 +17,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="dtype of the written weights (auto: the source's)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB, 500MB (default 5GB)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty DST as a whole (every file in it, once the new checkpoint "
+                             "is complete); without it a non-empty DST is refused")
 
 
 def run(args: argparse.Namespace) -> int:
-    written = convert_checkpoint(args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    written = convert_checkpoint(
+        args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite
+    )
     print(f"wrote {written}")
     return 0
