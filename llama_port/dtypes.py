@@ -15,6 +15,9 @@ DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
 }
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+# What a checkpoint may store: the dtypes above, and float8, which a model does not compute in and
+# which is therefore read only when converted to one of DTYPES (an explicit dtype=).
+STORED_DTYPES = (*DTYPES.values(), torch.float8_e4m3fn, torch.float8_e5m2)
 LOW_PRECISION_DTYPES = ("bfloat16", "float16")
 
 

@@ -296,13 +296,13 @@ def test_config_claiming_more_layers_than_the_weights_is_refused_before_building
         assert time.perf_counter() - start < 5
 
 
-@pytest.mark.parametrize("dtype", [torch.int32, torch.int8, torch.bool, torch.float8_e4m3fn])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int8, torch.bool])
 def test_weights_that_are_not_floating_are_refused(tmp_path, saved, dtype):
-    """Item 12 (and 16's reader side): an integer, bool or fp8 weight is never cast silently."""
+    """Item 12: an integer or bool weight is never cast to float silently."""
     folder = copy_of(saved, "single", tmp_path)
     name = "model.layers.1.mlp.up_proj.weight"
     edit_state(folder, lambda state: state.update({name: state[name].to(dtype)}))
-    expected = rf"model\.safetensors: tensor '{re.escape(name)}' has dtype {str(dtype).removeprefix('torch.')}; weights must be one of"
+    expected = rf"model\.safetensors: tensor '{re.escape(name)}' has dtype {str(dtype).removeprefix('torch.')}; weights must be floating"
     with pytest.raises(UnsupportedCheckpointError, match=expected):
         LlamaForCausalLM.from_pretrained(folder)
     with pytest.raises(UnsupportedCheckpointError, match=expected):
@@ -330,3 +330,18 @@ def test_tensor_in_two_shards_is_named_as_such(tmp_path, saved):
     save_file(state, folder / other, metadata={"format": "pt"})
     with pytest.raises(CorruptCheckpointError, match=rf"tensor '{re.escape(name)}' is also in .*; each tensor must be in one shard"):
         LlamaForCausalLM.from_pretrained(folder)
+
+
+def test_float8_weights_load_only_converted(tmp_path, saved):
+    """Item 16's reader side: float8 is read when converted to a dtype we compute in, as convert writes it."""
+    folder = copy_of(saved, "single", tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("dtype", None), config.pop("torch_dtype", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    edit_state(folder, lambda state: state.update({k: v.to(torch.float8_e4m3fn) for k, v in state.items()}))
+    with pytest.raises(UnsupportedCheckpointError, match=r"the weights are float8_e4m3fn, which llama_port does not "
+                       r"compute in; load them converted: dtype=torch\.bfloat16"):
+        LlamaForCausalLM.from_pretrained(folder)
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    expected = load_file(folder / "model.safetensors")["model.norm.weight"].to(torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and torch.equal(model.model.norm.weight, expected)

@@ -341,3 +341,13 @@ def test_without_an_atomic_exchange_two_renames_do(dst, saved, monkeypatch):
             model.save_pretrained(dst, max_shard_size="100KB")
     assert_holds(dst, after)
     assert temporaries(dst) == []
+
+
+def test_overwrite_never_empties_a_folder_of_other_things(tmp_path, saved):
+    """--overwrite replaces a checkpoint: `convert SRC ~ --overwrite` must not delete a home folder."""
+    home = tmp_path / "home"
+    (home / ".git").mkdir(parents=True)
+    (home / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"--overwrite replaces a checkpoint folder, and this one also holds \.git, notes\.txt"):
+        convert_checkpoint(saved["single"], home, overwrite=True)
+    assert sorted(p.name for p in home.iterdir()) == [".git", "notes.txt"]

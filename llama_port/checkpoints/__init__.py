@@ -8,6 +8,7 @@ into a model memory-leanly, save it as transformers does.
     names.py     the name tables and layout transforms of meta.py and gguf.py
     source.py    CheckpointSource: what every reader returns
     loading.py   load_pretrained (the models' from_pretrained)  saving.py save_pretrained, convert_checkpoint
+    atomic.py    replace_folder: every write goes to a temporary folder, then swaps in whole
     errors.py    the exception types
 
 Builds models from llama_port.modeling; the model never imports this package at import time.

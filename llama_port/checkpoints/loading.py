@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ..attention import default_attn_implementation, get_backend
-from ..dtypes import DTYPES, dtype_name, parse_dtype
+from ..dtypes import DTYPES, STORED_DTYPES, dtype_name, parse_dtype
 from ..modeling import LlamaRotaryEmbedding
 from .errors import (
     CorruptCheckpointError,
@@ -94,8 +94,11 @@ def load_pretrained(
         hub = HubOptions(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
         source = open_checkpoint(name_or_path, hub)
     target_dtype = requested_dtype or source.dtype
-    if not target_dtype.is_floating_point:
-        target_dtype = torch.float32
+    if target_dtype not in DTYPES.values():
+        raise UnsupportedCheckpointError(
+            f"{source.location}: the weights are {dtype_name(target_dtype)}, which llama_port does not compute in; "
+            f"load them converted: dtype=torch.bfloat16 (or one of {sorted(DTYPES)})"
+        )
 
     # A backend that checks the device it runs on (flash) is selected once the weights are on it:
     # on the meta device its check could only fail.
@@ -313,10 +316,11 @@ def iter_parameter_tensors(
                         f"are both {name!r}; a checkpoint must hold each weight once"
                     )
                 spelled[name] = checkpoint_name
-                if tensor.dtype not in DTYPES.values():
+                if tensor.dtype not in STORED_DTYPES:
                     raise UnsupportedCheckpointError(
                         f"{source.file_of(checkpoint_name)}: tensor {checkpoint_name!r} has dtype "
-                        f"{dtype_name(tensor.dtype)}; weights must be one of {sorted(DTYPES)}"
+                        f"{dtype_name(tensor.dtype)}; weights must be floating: "
+                        f"{sorted(dtype_name(d) for d in STORED_DTYPES)}"
                     )
                 if tuple(tensor.shape) != tuple(params[target].shape):
                     raise ShapeMismatchError(

@@ -175,6 +175,8 @@ def convert_checkpoint(
     out_dtype = out_dtype or source.dtype
     dst = Path(dst)
     _refuse_writing_the_source(source, dst)
+    if overwrite:
+        _refuse_overwriting_other_files(dst)
 
     meta_model = build_meta_model(LlamaForCausalLM, source.config, out_dtype, None)
     params = dict(meta_model.named_parameters())
@@ -210,6 +212,28 @@ def convert_checkpoint(
         config.save_pretrained(staging)
         _write_tokenizer(source, staging)
     return dst
+
+
+# What a checkpoint folder holds (Hub, Meta, GGUF, tokenizer, model card): all that --overwrite may replace.
+_CHECKPOINT_ENTRIES = re.compile(
+    r"(config|generation_config|params|special_tokens_map|added_tokens|vocab|chat_template)\.json|"
+    r".*\.(safetensors|bin|pth|gguf|index\.json)|tokenizer.*|merges\.txt|chat_template\.jinja|"
+    r"README\.md|LICENSE.*|USE_POLICY\.md|\.gitattributes|original"
+)
+
+
+def _refuse_overwriting_other_files(dst: Path) -> None:
+    """ValueError when ``dst`` holds entries no checkpoint has (``convert SRC ~ --overwrite``
+    must not empty a home folder): --overwrite replaces a checkpoint, not a folder of other things."""
+    if not dst.is_dir():
+        return
+    others = sorted(entry.name for entry in dst.iterdir() if not _CHECKPOINT_ENTRIES.fullmatch(entry.name))
+    if others:
+        shown = ", ".join(others[:5]) + (f", ... ({len(others) - 5} more)" if len(others) > 5 else "")
+        raise ValueError(
+            f"{dst}: --overwrite replaces a checkpoint folder, and this one also holds {shown}; "
+            "convert into an empty or checkpoint-only folder"
+        )
 
 
 def _refuse_writing_the_source(source: CheckpointSource, dst: Path) -> None:

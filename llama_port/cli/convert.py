@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..checkpoints import convert_checkpoint
+from ..dtypes import COMPUTE_DTYPES
 from .common import CHECKPOINT_HELP
 
 NAME = "convert"
@@ -14,7 +15,7 @@ HELP = "write any supported checkpoint as a Hub-format folder"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="checkpoint to read (" + CHECKPOINT_HELP.split(";")[0] + ")")
     parser.add_argument("dst", help="output folder (config.json, sharded safetensors, tokenizer files)")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+    parser.add_argument("--dtype", choices=("auto", *COMPUTE_DTYPES), default="auto",
                         help="dtype of the written weights (auto: the source's)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB, 500MB (default 5GB)")
     parser.add_argument("--overwrite", action="store_true",
