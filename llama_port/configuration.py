@@ -2,21 +2,30 @@
 
 Reads every config.json found on the Hub for LLaMA models: transformers 5's ``rope_parameters`` and
 the legacy ``rope_theta`` + ``rope_scaling`` (with ``type`` or ``rope_type``, or ``null``), and
-``dtype`` or the older ``torch_dtype``. Keys it does not know are kept as attributes and written
-back, so a Hub config.json round-trips.
+``dtype`` or the older ``torch_dtype``. Keys it does not know are kept in a store of their own,
+readable as attributes and written back, so a Hub config.json round-trips.
+
+Every field is checked against a table (``CONFIG_FIELDS``, ``ROPE_FIELDS``): ints are ints (not
+bools, strings or floats), floats are finite, sizes are bounded, so a hostile config is refused
+with a ValueError naming the field before anything is built from it. The checkpoint readers
+check their own formats' fields against the same specs.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import os
+import reprlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from .activations import ACTIVATIONS
-from .dtypes import DTYPES
+from .dtypes import DTYPES, dtype_name
 from .rope import ROPE_TYPES
 
 CONFIG_NAME = "config.json"
@@ -24,6 +33,147 @@ CONFIG_NAME = "config.json"
 DEFAULT_ROPE_THETA = 10_000.0
 
 _DTYPE_NAMES = (*DTYPES, "auto")
+
+MAX_CONFIG_BYTES = 16 * 2**20  # config.json / params.json; real ones are a few KB
+MAX_NESTING = 32  # levels of dicts and lists in one config value; Hub configs use 3 or 4
+
+
+# ---------------------------------------------------------------------------------- field specs
+@dataclass(frozen=True)
+class FieldSpec:
+    """What one field may hold: ``accepts(value)``, and ``expected``, the words for it in an error."""
+
+    accepts: Callable[[Any], bool]
+    expected: str
+
+    def or_null(self) -> FieldSpec:
+        return FieldSpec(lambda value: value is None or self.accepts(value), f"null or {self.expected}")
+
+    def check(self, label: str, value: Any, error: type[Exception] = ValueError) -> None:
+        """Raise ``error("<label>=<value>; expected ...")`` unless the value is accepted."""
+        if not self.accepts(value):
+            raise error(f"{label}={short_repr(value)}; expected {self.expected}")
+
+
+def _is_int(value: Any) -> bool:
+    """An int and not a bool (JSON's true is no integer)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite float, or an int a float holds exactly (torch takes no bigger one), not a bool."""
+    return (_is_int(value) and abs(value) <= 2**53) or (isinstance(value, float) and math.isfinite(value))
+
+
+def integer(low: int, high: int) -> FieldSpec:
+    """An int (not a bool, float or string) in [low, high]."""
+    words = f"a positive integer <= {high}" if low == 1 else f"an integer in [{low}, {high}]"
+    return FieldSpec(lambda value: _is_int(value) and low <= value <= high, words)
+
+
+def number(test: Callable[[float], bool], words: str) -> FieldSpec:
+    """A finite number (int or float, not a bool) passing ``test``."""
+    return FieldSpec(lambda value: _is_number(value) and test(value), words)
+
+
+def _list_of(item: FieldSpec) -> FieldSpec:
+    return FieldSpec(
+        lambda value: isinstance(value, list) and all(map(item.accepts, value)), f"a list, each {item.expected}"
+    )
+
+
+_POSITIVE = number(lambda v: v > 0, "a finite positive number")
+BOOL = FieldSpec(lambda value: isinstance(value, bool), "a bool (true or false)")
+
+# Sizes are bounded far above every published LLaMA (405B: hidden 16384, FFN 53248, 126 layers,
+# 128 heads; vocabularies up to 256k; contexts up to 10M), so a hostile size is refused here, not
+# allocated later. Checked in this order by LlamaConfig.validate().
+CONFIG_FIELDS: dict[str, FieldSpec] = {
+    "vocab_size": integer(1, 2**24),
+    "hidden_size": integer(1, 2**18),
+    "intermediate_size": integer(1, 2**20),
+    "num_hidden_layers": integer(1, 2**12),
+    "num_attention_heads": integer(1, 2**12),
+    "num_key_value_heads": integer(1, 2**12),
+    "head_dim": integer(1, 2**12),
+    "max_position_embeddings": integer(1, 2**26),
+    "hidden_act": FieldSpec(lambda v: isinstance(v, str) and v in ACTIVATIONS, f"one of {list(ACTIVATIONS)}"),
+    "initializer_range": number(lambda v: v >= 0, "a finite number >= 0"),
+    "rms_norm_eps": _POSITIVE,
+    "attention_dropout": number(lambda v: 0 <= v < 1, "a finite number in [0, 1)"),
+    "pretraining_tp": integer(1, 2**12).or_null(),
+    "use_cache": BOOL,
+    "tie_word_embeddings": BOOL,
+    "attention_bias": BOOL,
+    "mlp_bias": BOOL,
+}
+
+# Every rope_parameters key any rope type reads, whichever type is set (None counts as absent). The
+# ranges keep the float32 frequencies and cos/sin finite: theta <= 1 gives 1 rad/token and more
+# (infinite for a tiny theta), an attention scale past 16 multiplies cos/sin towards overflow.
+_SCALE = number(lambda v: 0 <= v <= 16, "a finite number in [0, 16]")  # real ones: 1 to 1.4
+# Per-frequency divisors (Phi-3's are 1 to ~60); a tiny one is an infinite float32 frequency.
+_DIVISORS = _list_of(number(lambda v: v >= 1e-3, "a finite number >= 0.001"))
+ROPE_FIELDS: dict[str, FieldSpec] = {
+    "rope_theta": number(lambda v: v > 1, "a finite positive number above 1"),
+    "factor": number(lambda v: v >= 1, "a finite number >= 1"),  # transformers warns below 1
+    "original_max_position_embeddings": CONFIG_FIELDS["max_position_embeddings"],
+    "attention_factor": _SCALE,
+    "beta_fast": _POSITIVE,
+    "beta_slow": _POSITIVE,
+    "mscale": _SCALE,
+    "mscale_all_dim": _SCALE,
+    "low_freq_factor": _POSITIVE,
+    "high_freq_factor": _POSITIVE,
+    "short_factor": _DIVISORS,
+    "long_factor": _DIVISORS,
+    "truncate": BOOL,
+}
+
+
+def token_id_fields(vocab_size: int) -> dict[str, FieldSpec]:
+    """pad/bos/eos ids: null, or ids inside the vocabulary; eos may also be a list of them."""
+    one = FieldSpec(lambda v: _is_int(v) and 0 <= v < vocab_size, f"an integer in [0, vocab_size={vocab_size})")
+    many = FieldSpec(lambda v: one.accepts(v) or _list_of(one).accepts(v), f"{one.expected} or a list of them")
+    return {"pad_token_id": one.or_null(), "bos_token_id": one.or_null(), "eos_token_id": many.or_null()}
+
+
+class _ShortRepr(reprlib.Repr):
+    def repr_int(self, x: int, level: int) -> str:
+        # repr() itself refuses ints past 4300 digits (ValueError): say how big instead.
+        return f"<a {x.bit_length()}-bit integer>" if x.bit_length() > 128 else super().repr_int(x, level)
+
+
+_REPR = _ShortRepr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlevel = 3
+
+
+def short_repr(value: Any) -> str:
+    """repr() cut to one short line, whatever the size or depth of the value (for error messages)."""
+    return _REPR.repr(value)
+
+
+def read_json_file(path: Path, error: type[Exception] = ValueError) -> dict[str, Any]:
+    """The JSON object in ``path`` (config.json, params.json).
+
+    Raises ``error`` naming the file for one over MAX_CONFIG_BYTES (by stat, before anything is
+    read, and again by what is read, for a file that is not regular), invalid JSON, JSON nested
+    past the parser's recursion limit, or anything but an object.
+    """
+    limit = MAX_CONFIG_BYTES
+    with path.open("rb") as f:
+        if os.fstat(f.fileno()).st_size > limit or len(data := f.read(limit + 1)) > limit:
+            raise error(f"{path}: over the {limit >> 20} MiB limit for a config file (real ones are a few KB)")
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise error(f"{path}: JSON nested too deeply to parse (a config is a few levels deep)") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an int past Python's 4300 digits
+        raise error(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 class LlamaConfig:
@@ -33,6 +183,11 @@ class LlamaConfig:
     and ``num_key_value_heads = num_attention_heads`` when not given. ``rope_parameters`` is always
     a dict holding at least ``rope_type`` and ``rope_theta`` after construction. Invalid values
     raise ``ValueError`` naming the field and what is allowed.
+
+    Unknown keys (architectures, transformers_version, quantization_config, ...) live in a store of
+    their own, so none can shadow a field or method: public ones read as attributes (as on
+    transformers' configs), all are written back by to_dict(). Dunder names and the names
+    LlamaConfig itself uses (``copy``, ``to_dict``, ``_attn_implementation``, ...) are refused.
     """
 
     model_type = "llama"
@@ -42,6 +197,7 @@ class LlamaConfig:
 
     def __init__(
         self,
+        /,  # so that a config key "self" lands in kwargs, not on the instance argument
         vocab_size: int = 32000,
         hidden_size: int = 4096,
         intermediate_size: int = 11008,
@@ -97,23 +253,29 @@ class LlamaConfig:
             max_position_embeddings=max_position_embeddings,
             top_level_original_max=kwargs.get("original_max_position_embeddings"),
         )
-        # Everything else (architectures, model_type, transformers_version, quantization_config, ...)
-        # is kept verbatim and written back by to_dict().
         kwargs.pop("model_type", None)
-        self._extra_keys: list[str] = []
+        self._extra: dict[str, Any] = {}
+        reserved = set(dir(self))
         for key, value in kwargs.items():
-            setattr(self, key, value)
-            self._extra_keys.append(key)
+            if key.startswith("__") or key in reserved:
+                raise ValueError(f"LlamaConfig: config key {short_repr(key)} is a name LlamaConfig itself uses")
+            self._extra[key] = value
         self.validate()
+
+    def __getattr__(self, name: str) -> Any:
+        """Unknown config keys, as attributes (only reached when no real attribute has the name)."""
+        extra = self.__dict__.get("_extra", {})  # not self._extra: copy and pickle probe before __init__
+        if name.startswith("_") or name not in extra:
+            raise AttributeError(f"'LlamaConfig' object has no attribute {name!r}")
+        return extra[name]
 
     # ----------------------------------------------------------------------------------- validation
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field and what is allowed."""
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"LlamaConfig.{name}={value!r}; expected a positive integer")
+        for name, spec in CONFIG_FIELDS.items():
+            spec.check(f"LlamaConfig.{name}", getattr(self, name))
+        for name, spec in token_id_fields(self.vocab_size).items():  # once vocab_size is known good
+            spec.check(f"LlamaConfig.{name}", getattr(self, name))
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"LlamaConfig.hidden_size={self.hidden_size} is not divisible by "
@@ -126,21 +288,18 @@ class LlamaConfig:
             )
         if self.head_dim % 2 != 0:
             raise ValueError(f"LlamaConfig.head_dim={self.head_dim}; rotary embeddings need an even head_dim")
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"LlamaConfig.hidden_act={self.hidden_act!r}; expected one of {list(ACTIVATIONS)}")
-        if not self.rms_norm_eps > 0:
-            raise ValueError(f"LlamaConfig.rms_norm_eps={self.rms_norm_eps!r}; expected a positive number")
-        if not 0.0 <= float(self.attention_dropout) < 1.0:
-            raise ValueError(f"LlamaConfig.attention_dropout={self.attention_dropout!r}; expected 0 <= p < 1")
         _validate_rope_parameters(self.rope_parameters, self.head_dim)
 
     # ------------------------------------------------------------------------------- serialisation
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **overrides: Any) -> LlamaConfig:
-        """Build from a config.json-style dict (legacy or current keys); ``overrides`` win."""
-        merged = copy.deepcopy(dict(config_dict))
-        merged.update(overrides)
-        return cls(**merged)
+        """Build from a config.json-style dict (legacy or current keys), copied; ``overrides`` win.
+        ValueError for a value nested more than MAX_NESTING levels deep."""
+        merged = {**config_dict, **overrides}
+        for key, value in merged.items():
+            if _nested_deeper_than(value, MAX_NESTING):
+                raise ValueError(f"LlamaConfig.{key} is nested more than {MAX_NESTING} levels deep")
+        return cls(**copy.deepcopy(merged))
 
     def to_dict(self) -> dict[str, Any]:
         """A config.json dict that both transformers 5 and older transformers read correctly.
@@ -178,8 +337,7 @@ class LlamaConfig:
         }
         if self.dtype is not None:
             out["dtype"] = self.dtype
-        for key in self._extra_keys:
-            out[key] = copy.deepcopy(getattr(self, key))
+        out.update(copy.deepcopy(self._extra))
         return out
 
     def to_json_string(self) -> str:
@@ -187,14 +345,12 @@ class LlamaConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> LlamaConfig:
-        path = Path(path)
+        """ValueError naming the file for one read_json_file refuses or a value from_dict refuses."""
+        config_dict = read_json_file(Path(path))
         try:
-            config_dict = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from err
-        if not isinstance(config_dict, dict):
-            raise ValueError(f"{path}: expected a JSON object, got {type(config_dict).__name__}")
-        return cls.from_dict(config_dict)
+            return cls.from_dict(config_dict)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **hub_kwargs: Any) -> LlamaConfig:
@@ -247,6 +403,22 @@ def available_presets() -> list[str]:
     return sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json"))
 
 
+def _nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether dicts and lists nest more than ``limit`` levels in ``value``: walked with a stack of
+    iterators, one per level, so neither recursion nor memory grows with the value's size."""
+    stack = [iter([value])]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, (dict, list)):
+                if len(stack) > limit:
+                    return True
+                stack.append(iter(item.values() if isinstance(item, dict) else item))
+                break
+        else:
+            stack.pop()
+    return False
+
+
 def _floordiv_or_none(a: Any, b: Any) -> Any:
     # Leave validation to validate(): a bad value must reach it, not fail here with ZeroDivisionError.
     return a // b if isinstance(a, int) and isinstance(b, int) and b > 0 else None
@@ -255,10 +427,10 @@ def _floordiv_or_none(a: Any, b: Any) -> Any:
 def _dtype_field(value: Any) -> str | None:
     if value is None:
         return None
-    name = str(value).removeprefix("torch.")
-    if name not in _DTYPE_NAMES:
-        raise ValueError(f"LlamaConfig.dtype={value!r}; expected one of {list(_DTYPE_NAMES)}")
-    return name
+    name = dtype_name(value) if value in DTYPES.values() else value
+    if not isinstance(name, str) or name.removeprefix("torch.") not in _DTYPE_NAMES:
+        raise ValueError(f"LlamaConfig.dtype={short_repr(value)}; expected one of {list(_DTYPE_NAMES)}")
+    return name.removeprefix("torch.")
 
 
 def _standardize_rope_parameters(
@@ -273,16 +445,16 @@ def _standardize_rope_parameters(
     Precedence as in transformers: a legacy ``rope_scaling`` dict wins over ``rope_parameters``;
     ``rope_theta`` fills in when the dict lacks it; ``type`` is read as ``rope_type``.
     """
-    if rope_scaling is not None and not isinstance(rope_scaling, dict):
-        raise ValueError(f"LlamaConfig.rope_scaling={rope_scaling!r}; expected a dict or null")
-    if rope_parameters is not None and not isinstance(rope_parameters, dict):
-        raise ValueError(f"LlamaConfig.rope_parameters={rope_parameters!r}; expected a dict or null")
+    for name, value in (("rope_scaling", rope_scaling), ("rope_parameters", rope_parameters)):
+        _ROPE_DICT.check(f"LlamaConfig.{name}", value)
     params = copy.deepcopy(rope_scaling or rope_parameters or {})
     params.setdefault("rope_type", params.pop("type", "default"))
     params.pop("type", None)
-    params.setdefault("rope_theta", DEFAULT_ROPE_THETA if rope_theta is None else rope_theta)
-    rope_type = ROPE_TYPES.get(params["rope_type"])
-    if rope_type is not None and rope_type.uses_original_max:
+    if params.get("rope_theta") is None:  # absent or null, as every rope key
+        params["rope_theta"] = DEFAULT_ROPE_THETA if rope_theta is None else rope_theta
+    _ROPE_TYPE.check("LlamaConfig.rope_parameters['rope_type']", params["rope_type"])
+    rope_type = ROPE_TYPES[params["rope_type"]]
+    if rope_type.uses_original_max:
         # As transformers: a top-level original_max_position_embeddings wins, else the dict's, else
         # max_position_embeddings.
         if top_level_original_max is not None:
@@ -291,14 +463,14 @@ def _standardize_rope_parameters(
     return params
 
 
+_ROPE_DICT = FieldSpec(lambda value: value is None or isinstance(value, dict), "a dict or null")
+_ROPE_TYPE = FieldSpec(lambda value: isinstance(value, str) and value in ROPE_TYPES, f"one of {sorted(ROPE_TYPES)}")
+
+
 def _validate_rope_parameters(params: dict[str, Any], head_dim: int) -> None:
-    """Against rope.ROPE_TYPES: a known type, its required keys, a positive theta and factor, and
-    the type's own checks."""
+    """Against rope.ROPE_TYPES: its required keys, every key's ROPE_FIELDS spec, and the type's own
+    checks (the type itself is checked when the dict is standardised)."""
     name = params["rope_type"]
-    if name not in ROPE_TYPES:
-        raise ValueError(
-            f"LlamaConfig.rope_parameters['rope_type']={name!r}; expected one of {sorted(ROPE_TYPES)}"
-        )
     rope_type = ROPE_TYPES[name]
     missing = [key for key in rope_type.required_keys if params.get(key) is None]
     if missing:
@@ -306,12 +478,9 @@ def _validate_rope_parameters(params: dict[str, Any], head_dim: int) -> None:
             f"LlamaConfig.rope_parameters: rope_type {name!r} needs {list(rope_type.required_keys)}; "
             f"missing {missing}"
         )
-    theta = params["rope_theta"]
-    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
-        raise ValueError(f"LlamaConfig.rope_parameters['rope_theta']={theta!r}; expected a positive number")
-    factor = params.get("factor")
-    if factor is not None and (not isinstance(factor, (int, float)) or factor <= 0):
-        raise ValueError(f"LlamaConfig.rope_parameters['factor']={factor!r}; expected a positive number")
+    for key, spec in ROPE_FIELDS.items():
+        if params.get(key) is not None:
+            spec.check(f"LlamaConfig.rope_parameters[{key!r}]", params[key])
     if rope_type.check is not None:
         rope_type.check(params, head_dim)
 

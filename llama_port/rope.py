@@ -186,7 +186,17 @@ def _check_llama3(params: dict[str, Any], head_dim: int) -> None:
         )
 
 
+def _check_dynamic(params: dict[str, Any], head_dim: int) -> None:
+    if head_dim <= 2:  # dynamic_inv_freq raises theta to dim / (dim - 2)
+        raise ValueError(f"LlamaConfig.rope_parameters: dynamic needs head_dim > 2, got {head_dim}")
+
+
 def _check_longrope(params: dict[str, Any], head_dim: int) -> None:
+    if params["original_max_position_embeddings"] < 2:  # its attention factor divides by log(original)
+        raise ValueError(
+            "LlamaConfig.rope_parameters: longrope needs original_max_position_embeddings >= 2, got "
+            f"{params['original_max_position_embeddings']}"
+        )
     for key in ("short_factor", "long_factor"):
         if len(params[key]) != head_dim // 2:
             raise ValueError(
@@ -226,7 +236,7 @@ class RopeType:
 ROPE_TYPES: dict[str, RopeType] = {
     "default": RopeType(default_inv_freq),
     "linear": RopeType(linear_inv_freq, ("factor",)),
-    "dynamic": RopeType(dynamic_inv_freq, ("factor",), update=dynamic_update, extrapolates=True),
+    "dynamic": RopeType(dynamic_inv_freq, ("factor",), update=dynamic_update, extrapolates=True, check=_check_dynamic),
     "yarn": RopeType(yarn_inv_freq, ("factor", "original_max_position_embeddings"), uses_original_max=True),
     "longrope": RopeType(
         longrope_inv_freq,

@@ -8,7 +8,9 @@ truncated: ..."``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 
 class CheckpointError(Exception):
@@ -51,6 +53,18 @@ class UnexpectedKeysError(KeysError):
     """Tensors in the checkpoint that the model has no place for (``strict=False`` allows them)."""
 
 
+@contextmanager
+def refused_as_corrupt(path: str | Path) -> Iterator[None]:
+    """A ValueError in the block (LlamaConfig refusing a value read from ``path``) becomes a
+    CorruptCheckpointError naming the file; CheckpointErrors pass through as they are."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except ValueError as err:
+        raise CorruptCheckpointError(f"{path}: {err}") from err
+
+
 def first_line(err: BaseException) -> str:
     """The first line of an exception's message (its type's name when empty), for one-line errors."""
     text = str(err).strip().splitlines()
@@ -77,4 +91,5 @@ __all__ = [
     "UnsupportedCheckpointError",
     "first_line",
     "format_keys",
+    "refused_as_corrupt",
 ]

@@ -28,13 +28,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..configuration import CONFIG_NAME, LlamaConfig
+from ..configuration import CONFIG_NAME, LlamaConfig, read_json_file, short_repr
 from .errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     UnsafeCheckpointError,
     UnsupportedCheckpointError,
     first_line,
+    refused_as_corrupt,
 )
 from .names import layer_index
 from .source import CheckpointSource
@@ -81,30 +82,30 @@ def find_weights_file(folder: Path) -> Path | None:
 
 
 def read_hub_config(path: Path) -> LlamaConfig:
-    """config.json -> LlamaConfig; errors name the file."""
+    """config.json -> LlamaConfig; errors name the file.
+
+    CheckpointNotFoundError without the file; CorruptCheckpointError for one read_json_file refuses
+    (over MAX_CONFIG_BYTES, bad JSON, too deeply nested) or a value LlamaConfig refuses;
+    UnsupportedCheckpointError for another model_type or a quantized checkpoint.
+    """
     if not path.is_file():
         raise CheckpointNotFoundError(f"{path}: no such file")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CorruptCheckpointError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(raw, dict):
-        raise CorruptCheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    raw = read_json_file(path, CorruptCheckpointError)
     model_type = raw.get("model_type", "llama")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedCheckpointError(
-            f"{path}: model_type is {model_type!r}; llama_port loads {list(SUPPORTED_MODEL_TYPES)} checkpoints"
+            f"{path}: model_type is {short_repr(model_type)}; "
+            f"llama_port loads {list(SUPPORTED_MODEL_TYPES)} checkpoints"
         )
     quant = raw.get("quantization_config")
     if quant:
         method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
         raise UnsupportedCheckpointError(
-            f"{path}: a quantized checkpoint (quant_method={method!r}); llama_port loads unquantized Hub weights"
+            f"{path}: a quantized checkpoint (quant_method={short_repr(method)}); "
+            "llama_port loads unquantized Hub weights"
         )
-    try:
+    with refused_as_corrupt(path):
         return LlamaConfig.from_dict(raw)
-    except (TypeError, ValueError) as err:
-        raise CorruptCheckpointError(f"{path}: {err}") from err
 
 
 def read_hub_checkpoint(folder: str | Path, weights_file: str | Path | None = None) -> CheckpointSource:

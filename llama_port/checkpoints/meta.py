@@ -11,7 +11,6 @@ params.json has no context length, token ids or FFN size; they are derived as do
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,8 +19,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..configuration import LlamaConfig
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, ShapeMismatchError
+from ..configuration import (
+    BOOL,
+    CONFIG_FIELDS,
+    ROPE_FIELDS,
+    FieldSpec,
+    LlamaConfig,
+    integer,
+    number,
+    read_json_file,
+    token_id_fields,
+)
+from .errors import CheckpointNotFoundError, CorruptCheckpointError, ShapeMismatchError, refused_as_corrupt
 from .names import HF_FROM_META, META_IGNORED, META_SHARD_DIM, interleaved_to_half_split, map_name, template_of
 from .source import CheckpointSource
 
@@ -38,6 +47,24 @@ LLAMA3_ROPE_DEFAULTS = {
 }
 LLAMA3_ROPE_THETA = 500_000.0
 LLAMA3_MIN_VOCAB = 128_000  # Llama 3's tiktoken vocabulary (128256); Llama 1/2 and Code Llama have 32000/32016
+
+# Every params.json field the reader uses, checked before any arithmetic on it (a string multiplier
+# or a dim of 3e9 would otherwise reach meta_ffn_hidden_dim); other keys are ignored.
+PARAMS_FIELDS: dict[str, FieldSpec] = {
+    "dim": CONFIG_FIELDS["hidden_size"],
+    "n_layers": CONFIG_FIELDS["num_hidden_layers"],
+    "n_heads": CONFIG_FIELDS["num_attention_heads"],
+    "n_kv_heads": CONFIG_FIELDS["num_key_value_heads"].or_null(),
+    "norm_eps": CONFIG_FIELDS["rms_norm_eps"],
+    "vocab_size": integer(-1, 2**24),  # -1: left to the tokenizer at run time
+    "multiple_of": integer(1, 2**20),
+    "ffn_dim_multiplier": number(lambda v: 0 < v <= 16, "a finite number in (0, 16]").or_null(),  # 1.3, 1.5 real
+    "rope_theta": ROPE_FIELDS["rope_theta"],
+    "use_scaled_rope": BOOL,
+    "rope_scaling_factor": ROPE_FIELDS["factor"].or_null(),
+    "max_seq_len": CONFIG_FIELDS["max_position_embeddings"].or_null(),
+}
+REQUIRED_PARAMS = ("dim", "n_layers", "n_heads", "norm_eps")
 
 # Files next to an ``original/`` folder that a converted checkpoint should carry along.
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
@@ -76,7 +103,7 @@ def read_meta_checkpoint(folder: str | Path) -> CheckpointSource:
             f"{folder}: no {PARAMS_NAME} here or in {folder / ORIGINAL_SUBFOLDER}; a Meta checkpoint is "
             f"{PARAMS_NAME} + consolidated.00.pth (+ consolidated.01.pth ... for model-parallel shards)"
         )
-    params = _read_params(root / PARAMS_NAME)
+    params = read_params(root / PARAMS_NAME)
     files = _shard_files(root)
     shards = _open_shards(files)
     for name in shards[0]:
@@ -84,7 +111,8 @@ def read_meta_checkpoint(folder: str | Path) -> CheckpointSource:
             map_name(name, HF_FROM_META, source=str(files[0]))  # unknown tensors fail here, not mid-load
 
     dtype = _tensor(shards[0], "tok_embeddings.weight", files[0]).dtype  # bfloat16 for every Meta release
-    config = _config_from_params(params, shards, root, dtype)
+    config = config_from_params(params, _vocab_size(params, shards, root / PARAMS_NAME), root, dtype)
+    _check_against_tensors(config, params, shards, root / PARAMS_NAME)
     del shards  # iter_groups opens its own maps, so the source can be iterated more than once
 
     def iter_groups() -> Iterator[dict[str, Tensor]]:
@@ -163,72 +191,86 @@ def _special_token_ids(root: Path, vocab_size: int) -> dict[str, Any]:
     hub_config = root.parent / "config.json"
     if root.name == ORIGINAL_SUBFOLDER and hub_config.is_file():
         try:
-            hub = json.loads(hub_config.read_text())
-            return {"bos_token_id": hub.get("bos_token_id"), "eos_token_id": hub.get("eos_token_id")}
-        except (OSError, json.JSONDecodeError):
+            hub = read_json_file(hub_config)
+        except (OSError, ValueError):
             pass  # a broken sibling config.json is not this reader's business; fall back below
+        else:
+            ids = {name: hub.get(name) for name in ("bos_token_id", "eos_token_id")}
+            fields = token_id_fields(vocab_size)
+            for name, value in ids.items():
+                fields[name].check(f"{hub_config}: {name}", value, CorruptCheckpointError)
+            return ids
     if vocab_size >= LLAMA3_MIN_VOCAB:
         return {"bos_token_id": 128000, "eos_token_id": 128001}
     return {"bos_token_id": 1, "eos_token_id": 2}
 
 
-def _config_from_params(
-    params: dict[str, Any], shards: list[dict[str, Tensor]], root: Path, dtype: torch.dtype
-) -> LlamaConfig:
-    path = root / PARAMS_NAME
-    missing = [key for key in ("dim", "n_layers", "n_heads", "norm_eps") if key not in params]
-    if missing:
-        raise CorruptCheckpointError(
-            f"{path}: missing {missing}; Meta's params.json has dim, n_layers, n_heads, norm_eps"
+def config_from_params(params: dict[str, Any], vocab_size: int, root: Path, dtype: torch.dtype) -> LlamaConfig:
+    """The LlamaConfig a params.json checked by read_params describes, for a head of ``vocab_size``
+    rows in ``dtype``; bos/eos ids as _special_token_ids finds them beside ``root``. A value
+    LlamaConfig refuses (a dim heads do not divide, ...) is a CorruptCheckpointError naming params.json."""
+    intermediate = meta_ffn_hidden_dim(params["dim"], params.get("multiple_of", 256), params.get("ffn_dim_multiplier"))
+    with refused_as_corrupt(root / PARAMS_NAME):
+        return LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=params["dim"],
+            intermediate_size=intermediate,
+            num_hidden_layers=params["n_layers"],
+            num_attention_heads=params["n_heads"],
+            num_key_value_heads=params.get("n_kv_heads") or params["n_heads"],
+            max_position_embeddings=meta_context_length(params, vocab_size),
+            rms_norm_eps=float(params["norm_eps"]),
+            rope_parameters=_rope_parameters(params),
+            tie_word_embeddings=False,  # Meta's LLaMA always has its own output.weight
+            dtype=str(dtype).removeprefix("torch."),
+            **_special_token_ids(root, vocab_size),
         )
-    dim, n_heads = int(params["dim"]), int(params["n_heads"])
-    n_kv_heads = int(params.get("n_kv_heads") or n_heads)
 
-    # The vocabulary from the head, which every Llama version splits along dim 0
-    # (params.json often says vocab_size -1: the tokenizer decided it at run time).
+
+def _vocab_size(params: dict[str, Any], shards: list[dict[str, Tensor]], path: Path) -> int:
+    """The vocabulary from the head, which every Llama version splits along dim 0
+    (params.json often says vocab_size -1: the tokenizer decided it at run time)."""
     vocab_size = sum(_tensor(s, "output.weight", path).shape[0] for s in shards)
-    if int(params.get("vocab_size", -1)) > 0 and int(params["vocab_size"]) != vocab_size:
+    if params.get("vocab_size", -1) > 0 and params["vocab_size"] != vocab_size:
         raise ShapeMismatchError(f"{path}: vocab_size {params['vocab_size']} but output.weight has {vocab_size} rows")
+    return vocab_size
 
-    intermediate = meta_ffn_hidden_dim(dim, int(params.get("multiple_of", 256)), params.get("ffn_dim_multiplier"))
+
+def _check_against_tensors(
+    config: LlamaConfig, params: dict[str, Any], shards: list[dict[str, Tensor]], path: Path
+) -> None:
+    """ShapeMismatchError when the FFN size or the layer count params.json implies is not what the
+    .pth files hold."""
     stored = sum(_tensor(s, "layers.0.feed_forward.w1.weight", path).shape[0] for s in shards)
-    if stored != intermediate:
+    if stored != config.intermediate_size:
         raise ShapeMismatchError(
-            f"{path}: dim {dim}, multiple_of {params.get('multiple_of', 256)}, ffn_dim_multiplier "
-            f"{params.get('ffn_dim_multiplier')} give an FFN size of {intermediate}, "
+            f"{path}: dim {params['dim']}, multiple_of {params.get('multiple_of', 256)}, ffn_dim_multiplier "
+            f"{params.get('ffn_dim_multiplier')} give an FFN size of {config.intermediate_size}, "
             f"but feed_forward.w1 has {stored} rows"
         )
-
-    n_layers = int(params["n_layers"])
     stored_layers = 1 + max((int(m.group(1)) for n in shards[0] if (m := re.match(r"layers\.(\d+)\.", n))), default=-1)
-    if stored_layers != n_layers:
-        raise ShapeMismatchError(f"{path}: n_layers is {n_layers} but the .pth files hold {stored_layers} layers")
-
-    return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=dim,
-        intermediate_size=intermediate,
-        num_hidden_layers=n_layers,
-        num_attention_heads=n_heads,
-        num_key_value_heads=n_kv_heads,
-        max_position_embeddings=meta_context_length(params, vocab_size),
-        rms_norm_eps=float(params["norm_eps"]),
-        rope_parameters=_rope_parameters(params),
-        tie_word_embeddings=False,  # Meta's LLaMA always has its own output.weight
-        dtype=str(dtype).removeprefix("torch."),
-        **_special_token_ids(root, vocab_size),
-    )
+    if stored_layers != config.num_hidden_layers:
+        raise ShapeMismatchError(
+            f"{path}: n_layers is {config.num_hidden_layers} but the .pth files hold {stored_layers} layers"
+        )
 
 
 # ------------------------------------------------------------------------------------------- files
-def _read_params(path: Path) -> dict[str, Any]:
-    try:
-        params = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CorruptCheckpointError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(params, dict):
-        raise CorruptCheckpointError(f"{path}: expected a JSON object, got {type(params).__name__}")
-    return params.get("model", params)  # some exports nest the model's params under "model"
+def read_params(path: Path) -> dict[str, Any]:
+    """params.json (the dict under "model", where an export nests it there), every field checked
+    against PARAMS_FIELDS before any is used: CorruptCheckpointError naming the file and the field."""
+    params = read_json_file(path, CorruptCheckpointError)
+    if isinstance(params.get("model"), dict):
+        params = params["model"]
+    missing = [key for key in REQUIRED_PARAMS if key not in params]
+    if missing:
+        raise CorruptCheckpointError(
+            f"{path}: missing {missing}; Meta's params.json has {', '.join(REQUIRED_PARAMS)}"
+        )
+    for key, spec in PARAMS_FIELDS.items():
+        if key in params:
+            spec.check(f"{path}: {key}", params[key], CorruptCheckpointError)
+    return params
 
 
 def _shard_files(root: Path) -> list[Path]:
@@ -340,9 +382,11 @@ def _to_transformers_layout(name: str, tensor: Tensor, config: LlamaConfig, path
 
 
 __all__ = [
+    "config_from_params",
     "find_meta_folder",
     "is_meta_checkpoint",
     "meta_context_length",
     "meta_ffn_hidden_dim",
     "read_meta_checkpoint",
+    "read_params",
 ]
