@@ -142,3 +142,12 @@ def test_convert_gguf_with_tokenizer(tmp_path, smollm2_gguf):
     assert max_diff("SmolLM2 GGUF -> convert, ours vs transformers", ours, theirs) <= 1e-2
     with torch.no_grad():
         assert ours(ids).logits[0, -1].argmax() == theirs(ids).logits[0, -1].argmax()
+
+
+def test_convert_carries_a_standalone_chat_template(tmp_path, layouts):
+    """transformers 5 writes the chat template to chat_template.jinja; convert must not drop it."""
+    src = Path(shutil.copytree(layouts["single"], tmp_path / "src"))
+    template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+    (src / "chat_template.jinja").write_text(template)
+    dst = convert_checkpoint(src, tmp_path / "out")
+    assert (dst / "chat_template.jinja").read_text() == template

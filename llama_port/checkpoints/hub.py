@@ -51,6 +51,7 @@ TOKENIZER_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "tokenizer.model",
+    "chat_template.jinja",  # transformers 5 saves the chat template beside tokenizer_config.json
     "generation_config.json",
 )
 SUPPORTED_MODEL_TYPES = ("llama",)
