@@ -33,6 +33,7 @@ from ..parity import (
     ParityReport,
     PortLayers,
     ReferenceLayers,
+    check_pair,
     compare,
     compare_checkpoints,
     compare_streaming,
@@ -196,25 +197,22 @@ def _against(
     args: argparse.Namespace, source: CheckpointSource, other: CheckpointSource, streamed: bool, progress: _Progress
 ) -> tuple[ParityReport, _Batch]:
     """CHECKPOINT against --against's checkpoint, both run by llama_port (parity.compare_checkpoints)."""
-    if args.dtype in LOW_PRECISION_DTYPES and args.atol is None and args.kl_limit is None:
-        raise ValueError(f"--against with --dtype {args.dtype}: give the error you allow with --atol and/or --kl-max")
+    try:
+        check_pair(source, other, args.dtype, args.atol, args.kl_limit)  # before loading anything
+    except ValueError as err:
+        raise ValueError(f"--against {args.against}: {err} (--atol / --kl-max)") from err
     progress.step("tokenizer", "loading the tokenizer")
     tokenizer = load_checkpoint_tokenizer(source) or load_checkpoint_tokenizer(other)
     batch = _batch(args, tokenizer, source.config)
     greedy = (args.greedy_tokens or 0) if streamed else args.max_new_tokens
     how = "layer by layer" if streamed else "loading both"
     with progress.bar(None, f"comparing {how} on {_shape(batch)}", source.config.num_hidden_layers) as advance:
-        try:
-            report = compare_checkpoints(
-                source, other, batch.input_ids, batch.attention_mask, dtype=args.dtype, device=args.device,
-                attn=args.attn, stream=streamed, generation_input_ids=batch.generation_ids, max_new_tokens=greedy,
-                atol=args.atol, kl_limit=args.kl_limit, allow_token_mismatch=args.allow_token_mismatch,
-                progress=advance,
-            )
-        except ValueError as err:
-            if "give the error you allow" in str(err):
-                raise ValueError(f"--against {args.against}: {err} (--atol / --kl-max)") from err
-            raise
+        report = compare_checkpoints(
+            source, other, batch.input_ids, batch.attention_mask, dtype=args.dtype, device=args.device,
+            attn=args.attn, stream=streamed, generation_input_ids=batch.generation_ids, max_new_tokens=greedy,
+            atol=args.atol, kl_limit=args.kl_limit, allow_token_mismatch=args.allow_token_mismatch,
+            progress=advance,
+        )
     return report, batch
 
 
@@ -303,7 +301,8 @@ def _streamed(args: argparse.Namespace, config: Any, console: Any) -> bool:
     if streamed and args.stream is None:
         console.print(
             f"note: two whole models need about {whole / 2**30:.1f} GiB and {available / 2**30:.1f} GiB is available: "
-            "comparing one decoder layer at a time (--no-stream forces the whole-model path)"
+            "comparing one decoder layer at a time (--no-stream forces the whole-model path)",
+            soft_wrap=True,
         )
     return streamed
 
@@ -376,7 +375,13 @@ class _Progress:
         if self.status is None:
             yield None
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         self.status.stop()  # one live display at a time
         columns = (TextColumn(message), BarColumn(), MofNCompleteColumn(), TextColumn("layers"), TimeRemainingColumn())

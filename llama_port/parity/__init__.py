@@ -12,10 +12,24 @@
 transformers for the reference only; compare() takes any two models.
 """
 
-from .against import compare_checkpoints, quantization
-from .compare import LayerDiff, ParityReport, compare, exceeds_threshold, first_divergent, logit_metrics, weights_sha256
+from .against import check_pair, compare_checkpoints, quantization
+from .compare import (
+    LayerDiff,
+    ParityReport,
+    compare,
+    exceeds_threshold,
+    first_divergent,
+    logit_metrics,
+    weights_sha256,
+)
 from .inputs import DEFAULT_PROMPTS, left_pad, parity_batch, random_batch
-from .reference import ReferenceLayers, gguf_parse_cache, load_checkpoint_tokenizer, load_reference, transformers_quiet
+from .reference import (
+    ReferenceLayers,
+    gguf_parse_cache,
+    load_checkpoint_tokenizer,
+    load_reference,
+    transformers_quiet,
+)
 from .report import print_report, write_plot
 from .stream import LayerStream, PortLayers, compare_streaming
 
@@ -26,6 +40,7 @@ __all__ = [
     "ParityReport",
     "PortLayers",
     "ReferenceLayers",
+    "check_pair",
     "compare",
     "compare_checkpoints",
     "compare_streaming",

@@ -44,6 +44,21 @@ def quantization(source: CheckpointSource) -> str | None:
     return ", ".join(sorted(GGMLQuantizationType(t).name for t in types)) or None
 
 
+def check_pair(a: CheckpointSource, b: CheckpointSource, dtype: str, atol: float | None, kl_limit: float | None) -> list[str]:
+    """The quantised sides, described ("<path> holds Q4_1 blocks"), after checking the pair can be
+    compared: ValueError when the two configs describe different models, or a side is quantised
+    (or the dtype low precision) and neither atol nor kl_limit says what error to allow."""
+    differ = [f"{k} {getattr(a.config, k)} vs {getattr(b.config, k)}" for k in SHAPE_FIELDS
+              if getattr(a.config, k) != getattr(b.config, k)]  # fmt: skip
+    if differ:
+        raise ValueError(f"{a.location} and {b.location} are not one model: {'; '.join(differ)}")
+    quantised = [f"{s.location} holds {q} blocks" for s in (a, b) if (q := quantization(s)) is not None]
+    if (quantised or dtype != "float32") and atol is None and kl_limit is None:
+        why = "; ".join(quantised) or f"dtype={dtype!r} has no float32 yardstick here"
+        raise ValueError(f"{why}: give the error you allow as atol and/or kl_limit")
+    return quantised
+
+
 def compare_checkpoints(
     a: CheckpointSource,
     b: CheckpointSource,
@@ -64,17 +79,9 @@ def compare_checkpoints(
     """``a`` (in the report's "ours" place) against ``b`` (the "reference"), both run by llama_port.
 
     Arguments as compare's; stream: layer by layer (progress as compare_streaming's). ValueError
-    when the two configs describe different models, or a side is quantised (or the dtype low
-    precision) and neither atol nor kl_limit says what error to allow.
+    as check_pair's.
     """
-    differ = [f"{k} {getattr(a.config, k)} vs {getattr(b.config, k)}" for k in SHAPE_FIELDS
-              if getattr(a.config, k) != getattr(b.config, k)]  # fmt: skip
-    if differ:
-        raise ValueError(f"{a.location} and {b.location} are not one model: {'; '.join(differ)}")
-    quantised = [f"{s.location} holds {q} blocks" for s in (a, b) if (q := quantization(s)) is not None]
-    if (quantised or dtype != "float32") and atol is None and kl_limit is None:
-        why = "; ".join(quantised) or f"dtype={dtype!r} has no float32 yardstick here"
-        raise ValueError(f"{why}: give the error you allow as atol and/or kl_limit")
+    quantised = check_pair(a, b, dtype, atol, kl_limit)
 
     allowed = allow_token_mismatch or bool(quantised)
     timings: dict[str, float] = {}

@@ -22,7 +22,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..checkpoints import CheckpointSource, convert_checkpoint, load_tokenizer, open_checkpoint
+from ..checkpoints import (
+    CheckpointSource,
+    convert_checkpoint,
+    load_tokenizer,
+    open_checkpoint,
+)
 from ..checkpoints.errors import MissingKeysError, first_line, format_keys
 from ..dtypes import DTYPES
 

@@ -30,12 +30,25 @@ from ..attention import get_backend
 from ..attention.masks import mask_for_forward
 from ..checkpoints import CheckpointSource, MissingKeysError, UnexpectedKeysError
 from ..checkpoints.errors import format_keys
-from ..checkpoints.loading import build_meta_model, iter_parameter_tensors, settle_tied_head, tied_aliases
+from ..checkpoints.loading import (
+    build_meta_model,
+    iter_parameter_tensors,
+    settle_tied_head,
+    tied_aliases,
+)
 from ..checkpoints.names import layer_index
 from ..dtypes import DTYPES
 from ..generation.stopping import eos_token_ids, until_eos
 from ..modeling import LlamaForCausalLM
-from .compare import Outcome, ParityReport, build_report, logit_metrics, pass_rule, prepare_batch, probe_diff
+from .compare import (
+    Outcome,
+    ParityReport,
+    build_report,
+    logit_metrics,
+    pass_rule,
+    prepare_batch,
+    probe_diff,
+)
 
 EMBEDDING, NORM, HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
 
@@ -122,7 +135,8 @@ def compare_streaming(
         ours_error = float((logits[0][real].float() - fp32_real).abs().max())
         reference_error = float((logits[1][real].float() - fp32_real).abs().max())
     del states, normed, logits
-    timings = {"layers": time.perf_counter() - started}
+    read = sum(chain.read_seconds for chain in chains)
+    timings = {"read": read, "compute": time.perf_counter() - started - read}
 
     ours_tokens: list[int] = []
     reference_tokens: list[int] = []
@@ -137,7 +151,6 @@ def compare_streaming(
         notes.append("greedy generation skipped: streamed, each token would stream every layer (--greedy-tokens N)")
     for chain in chains:
         chain.close()
-    timings["read"] = sum(chain.read_seconds for chain in chains)
     if reference.backend != ours.backend:
         notes.append(f"attention backends differ: ours {ours.backend!r}, reference {reference.backend!r}")
     outcome = Outcome(ours_error, reference_error, ours_tokens, reference_tokens, max_new_tokens > 0)
