@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
                 report, batch = _stream(args, source, progress, Path(tmp))
             else:
                 report, batch = _whole(args, source, progress, Path(tmp))
-        batch.notes += [f"while loading: {w.message}" for w in caught if _is_own_warning(w)]
+        batch.notes += [f"warning: {w.message}" for w in caught if _is_own_warning(w)]
     report.checkpoint = str(source.location)
     report.notes = batch.notes + report.notes
     report.timings = progress.timings | report.timings
@@ -145,18 +145,27 @@ def _batch(args: argparse.Namespace, tokenizer: Any, config: Any) -> _Batch:
     ))  # fmt: skip
 
 
-def _whole(args: argparse.Namespace, source: CheckpointSource, progress: _Progress, tmp: Path) -> tuple[ParityReport, _Batch]:
-    """Both whole models in memory: transformers' (and its float32 yardstick) and ours."""
+def _reference_side(
+    args: argparse.Namespace, source: CheckpointSource, progress: _Progress, tmp: Path, load: Callable, how: str
+) -> tuple[Any, Any, Any]:
+    """(reference, its float32 yardstick in low precision or None, the tokenizer); ``load`` is
+    load_reference or ReferenceLayers (the same arguments)."""
     reference_attn = get_backend(args.attn).reference_name
     with gguf_parse_cache():  # transformers' loads of a GGUF share one parse of it
-        progress.step("reference", f"loading the reference (transformers, {args.dtype}, {reference_attn})")
-        reference = load_reference(source, args.dtype, args.device, reference_attn, tmp)
+        progress.step("reference", f"{how} the reference (transformers, {args.dtype}, {reference_attn})")
+        reference = load(source, args.dtype, args.device, reference_attn, tmp)
         reference_fp32 = None
         if args.dtype in LOW_PRECISION_DTYPES:
-            progress.step("reference fp32", "loading the float32 reference (the yardstick for low precision)")
-            reference_fp32 = load_reference(source, "float32", args.device, reference_attn, tmp)
+            progress.step("reference fp32", f"{how} the float32 reference (the yardstick for low precision)")
+            reference_fp32 = load(source, "float32", args.device, reference_attn, tmp)
         progress.step("tokenizer", "loading the tokenizer")
         tokenizer = load_checkpoint_tokenizer(source)
+    return reference, reference_fp32, tokenizer
+
+
+def _whole(args: argparse.Namespace, source: CheckpointSource, progress: _Progress, tmp: Path) -> tuple[ParityReport, _Batch]:
+    """Both whole models in memory: transformers' (and its float32 yardstick) and ours."""
+    reference, reference_fp32, tokenizer = _reference_side(args, source, progress, tmp, load_reference, "loading")
     progress.step("ours", f"loading llama_port ({args.dtype}, {args.attn})")
     ours = load_model(source, args.dtype, args.device, args.attn)
     batch = _batch(args, tokenizer, ours.config)
@@ -171,15 +180,9 @@ def _whole(args: argparse.Namespace, source: CheckpointSource, progress: _Progre
 
 def _stream(args: argparse.Namespace, source: CheckpointSource, progress: _Progress, tmp: Path) -> tuple[ParityReport, _Batch]:
     """One decoder layer at a time: transformers' layers (ReferenceLayers) and ours (PortLayers)."""
-    reference_attn = get_backend(args.attn).reference_name
-    with gguf_parse_cache():
-        progress.step("reference", f"opening the reference layer by layer (transformers, {args.dtype}, {reference_attn})")
-        reference = ReferenceLayers(source, args.dtype, args.device, reference_attn, tmp)
-        reference_fp32 = None
-        if args.dtype in LOW_PRECISION_DTYPES:
-            reference_fp32 = ReferenceLayers(source, "float32", args.device, reference_attn, tmp)
-        progress.step("tokenizer", "loading the tokenizer")
-        tokenizer = load_checkpoint_tokenizer(source)
+    reference, reference_fp32, tokenizer = _reference_side(
+        args, source, progress, tmp, ReferenceLayers, "opening layer by layer"
+    )
     progress.step("ours", f"opening llama_port layer by layer ({args.dtype}, {args.attn})")
     ours = PortLayers(source, args.dtype, args.device, args.attn)
     batch = _batch(args, tokenizer, source.config)

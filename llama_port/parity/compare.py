@@ -304,7 +304,7 @@ def compare(
     if reference_fp32 is not None:
         fp32_logits, fp32_states, _ = _forward_with_probes(reference_fp32, input_ids, attention_mask, position_ids)
         fp32 = {name: h for name, _, h in fp32_states}
-        ours_error, reference_error = _errors_against_fp32(ours_logits, ref_logits, fp32_logits, real)
+        ours_error, reference_error = errors_against_fp32(ours_logits, ref_logits, fp32_logits, real)
     per_layer = [
         probe_diff(name, layer, ours_h, ref_h, local.get(name), fp32.get(name), real, rule)
         for (name, layer, ours_h), (_, _, ref_h) in zip(ours_states, ref_states, strict=True)
@@ -338,7 +338,7 @@ def compare(
     )
 
 
-def _errors_against_fp32(ours: Tensor, reference: Tensor, fp32: Tensor, real: Tensor) -> tuple[float, float]:
+def errors_against_fp32(ours: Tensor, reference: Tensor, fp32: Tensor, real: Tensor) -> tuple[float, float]:
     """(max |ours - fp32|, max |reference - fp32|) over the real positions of (B, T, V) logits."""
     fp32_real = fp32[real].float()
     return _max((ours[real].float() - fp32_real).abs()), _max((reference[real].float() - fp32_real).abs())

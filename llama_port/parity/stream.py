@@ -44,6 +44,7 @@ from .compare import (
     Outcome,
     ParityReport,
     build_report,
+    errors_against_fp32,
     logit_metrics,
     pass_rule,
     prepare_batch,
@@ -131,9 +132,7 @@ def compare_streaming(
     metrics = logit_metrics(logits[0][real], logits[1][real])
     ours_error = reference_error = None
     if reference_fp32 is not None:
-        fp32_real = logits[2][real].float()
-        ours_error = float((logits[0][real].float() - fp32_real).abs().max())
-        reference_error = float((logits[1][real].float() - fp32_real).abs().max())
+        ours_error, reference_error = errors_against_fp32(*logits, real)
     del states, normed, logits
     read = sum(chain.read_seconds for chain in chains)
     timings = {"read": read, "compute": time.perf_counter() - started - read}
@@ -148,7 +147,10 @@ def compare_streaming(
         reference_tokens = greedy_streamed(reference, prompt, max_new_tokens)
         timings["greedy"] = time.perf_counter() - started
     else:
-        notes.append("greedy generation skipped: streamed, each token would stream every layer (--greedy-tokens N)")
+        notes.append(
+            "greedy generation skipped: streamed, each token streams every layer of both models "
+            "(max_new_tokens; --greedy-tokens N in llama-port parity)"
+        )
     for chain in chains:
         chain.close()
     if reference.backend != ours.backend:
