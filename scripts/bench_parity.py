@@ -12,10 +12,11 @@ marks the end of each decoder layer, which gives the measured costs the projecti
 
 - whole: bytes held per fp32 weight byte, r = (peak - after imports) / checkpoint bytes;
 - streaming: the memory one layer step adds over what is held between layers, in decoder
-  layers, k (median over layers); and the final norm + head step's, in heads (both sides), h.
+  layers, k (median over layers); the final norm + head step's, in heads (both sides), h; and
+  the rest of the peak, held = peak - imports - the larger step (taken as fixed).
 
-Projection for a model of L layers (fp32 weights of one layer: layer bytes; embedding and head:
-head bytes each): whole = imports + r x model bytes; streaming = imports + max(k x layer bytes,
+Projection for a model (fp32 weights of one layer: layer bytes; embedding and head: head bytes
+each): whole = imports + r x model bytes; streaming = imports + held + max(k x layer bytes,
 h x 2 x head bytes), the embedding and head being held one at a time on each side.
 """
 
@@ -210,13 +211,16 @@ def main() -> int:
     k = statistics.median(c[0] for c in costs) / (4 * layer)
     h = statistics.median(c[1] for c in costs) / (2 * 4 * embedding)
     seconds_per_layer = statistics.median(c[2] for c in costs)
+    # The rest of the streaming peak, besides the step it falls in: taken as fixed.
+    held = median("stream", "peak") - imports - max(k * 4 * layer, h * 2 * 4 * embedding)
     print(f"measured: whole holds {r:.2f} bytes per checkpoint byte; a streamed layer step adds {k:.2f} decoder "
-          f"layers, the head step {h:.2f} heads (both sides); {seconds_per_layer:.2f} s per layer step")  # fmt: skip
+          f"layers, the head step {h:.2f} heads (both sides), {held / 2**20:.0f} MiB more is held; "
+          f"{seconds_per_layer:.3f} s per layer step")  # fmt: skip
     print(f"\n{'projection (fp32)':<18}{'weights':>10}{'whole peak':>13}{'streaming peak':>16}{'ratio':>8}")
     for name, shape in {"this checkpoint": config, **PROJECTED}.items():
         layer_p, embedding_p, params_p = sizes(shape)
         whole = imports + r * 4 * params_p
-        stream = imports + max(k * 4 * layer_p, h * 2 * 4 * embedding_p)
+        stream = imports + held + max(k * 4 * layer_p, h * 2 * 4 * embedding_p)
         print(f"{name:<18}{4 * params_p / 2**30:>8.1f} GiB{whole / 2**30:>9.1f} GiB{stream / 2**30:>12.1f} GiB"
               f"{stream / whole:>8.2f}")  # fmt: skip
     return 0

@@ -76,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--atol", type=float, default=None,
                         help="fp32 pass bound on max |logit diff| (default 1e-4); with --against on a quantised "
                              "checkpoint, the error you allow")
-    parser.add_argument("--kl-max", dest="kl_limit", type=float, default=None,
+    parser.add_argument("--kl-max", dest="kl_limit", type=float, default=None, metavar="KL",
                         help="pass bound on the largest KL(reference || ours); with --against on a quantised "
                              "checkpoint, the error you allow (instead of or with --atol)")
     parser.add_argument("--ratio", type=float, default=None,
@@ -200,12 +200,13 @@ def _against(
     args: argparse.Namespace, source: CheckpointSource, other: CheckpointSource, streamed: bool, progress: _Progress
 ) -> tuple[ParityReport, _Batch]:
     """CHECKPOINT against --against's checkpoint, both run by llama_port (parity.compare_checkpoints)."""
-    try:
-        check_pair(source, other, args.dtype, args.atol, args.kl_limit)  # before loading anything
-    except ValueError as err:
-        raise ValueError(f"--against {args.against}: {err} (--atol / --kl-max)") from err
-    progress.step("tokenizer", "loading the tokenizer")
-    tokenizer = load_checkpoint_tokenizer(source) or load_checkpoint_tokenizer(other)
+    with gguf_parse_cache():  # a GGUF's quantisation check and its tokenizer share one parse
+        try:
+            check_pair(source, other, args.dtype, args.atol, args.kl_limit)  # before loading anything
+        except ValueError as err:
+            raise ValueError(f"--against {args.against}: {err} (--atol / --kl-max)") from err
+        progress.step("tokenizer", "loading the tokenizer")
+        tokenizer = load_checkpoint_tokenizer(source) or load_checkpoint_tokenizer(other)
     batch = _batch(args, tokenizer, source.config)
     greedy = (args.greedy_tokens or 0) if streamed else args.max_new_tokens
     how = "layer by layer" if streamed else "loading both"

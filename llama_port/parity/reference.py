@@ -121,8 +121,9 @@ def gguf_parse_cache() -> Iterator[None]:
     once for the tokenizer (3.4 s each for SmolLM2's 49k-token vocabulary), and rebuilds the same
     name table 397 times (5 s): 12 s of the 15 s its load took. Both are pure functions of their
     arguments while the file is unchanged; transformers' own code runs on the very objects gguf
-    builds, so the reference still depends on no llama_port code (the cache is opened around
-    transformers' loads only, never around llama_port's reader). Reentrant.
+    builds, so the reference still depends on no llama_port code (the cache is never open around
+    llama_port's checkpoint readers: ``llama-port parity`` opens it around the reference's and
+    the tokenizer's loads, and around --against's quantisation check). Reentrant.
     """
     import gguf
 
@@ -157,8 +158,9 @@ class ReferenceLayers:
     create_causal_mask, instantiated per layer from transformers' config of the checkpoint, with the
     embedding and head as the nn.Embedding / nn.Linear its LlamaModel holds. Weights are read by
     transformers' means, never by llama_port's loader: the safetensors library's safe_open (a file
-    opened per read, so no mapping outlives it), ``torch.load(mmap=True, weights_only=True)`` for
-    .bin files, as transformers reads them; for a GGUF the functions transformers' GGUF loading runs
+    mapped per read; the mapping lives as long as the tensors read from it, so only the current
+    layer's pages are resident), ``torch.load(mmap=True, weights_only=True)`` for .bin files, as
+    transformers reads them; for a GGUF the functions transformers' GGUF loading runs
     for llama (modeling_gguf_pytorch_utils: gguf's dequantize, LlamaTensorProcessor's q/k
     permutation, get_gguf_hf_weights_map's names), tensor by tensor instead of all at once. A Meta
     checkpoint is first converted by llama_port, as load_reference does, into ``workdir`` (default:
@@ -256,8 +258,9 @@ class ReferenceLayers:
 
 
 class _StateFiles:
-    """Tensors in safetensors or .bin files, read per call: ``safe_open(...).get_tensor`` (a
-    file's mapping closed with its context) or ``torch.load(mmap=True, weights_only=True)``.
+    """Tensors in safetensors or .bin files, read per call: ``safe_open(...).get_tensor`` or
+    ``torch.load(mmap=True, weights_only=True)``, each a view of a mapping of its file that is
+    unmapped once the tensors read from it are dropped.
     Names are transformers' model names; a bare LlamaModel checkpoint's lack the ``model.`` prefix."""
 
     def __init__(self, files: list[Path]) -> None:
