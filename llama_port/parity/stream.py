@@ -5,6 +5,7 @@ layer, each side in turn reads that layer's weights, runs it on its own hidden s
 error), ours also on the reference's (the local error), and drops the weights. Peak memory is
 the embedding or the head of each side, about two decoder layers and the activations, not two
 whole models.
+
 Each side is a :class:`LayerStream`: :class:`PortLayers` here is llama_port's (our model's modules,
 our loader's readers and checks); ``reference.ReferenceLayers`` is transformers' own modules with
 the weights read by the safetensors library (or transformers' GGUF reader), never by our loader.
