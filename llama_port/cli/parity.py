@@ -204,7 +204,7 @@ def _against(
         try:
             check_pair(source, other, args.dtype, args.atol, args.kl_limit)  # before loading anything
         except ValueError as err:
-            raise ValueError(f"--against {args.against}: {err} (--atol / --kl-max)") from err
+            raise ValueError(f"--against {args.against}: {err}") from err
         progress.step("tokenizer", "loading the tokenizer")
         tokenizer = load_checkpoint_tokenizer(source) or load_checkpoint_tokenizer(other)
     batch = _batch(args, tokenizer, source.config)

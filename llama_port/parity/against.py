@@ -55,7 +55,9 @@ def check_pair(a: CheckpointSource, b: CheckpointSource, dtype: str, atol: float
     quantised = [f"{s.location} holds {q} blocks" for s in (a, b) if (q := quantization(s)) is not None]
     if (quantised or dtype != "float32") and atol is None and kl_limit is None:
         why = "; ".join(quantised) or f"dtype={dtype!r} has no float32 yardstick here"
-        raise ValueError(f"{why}: give the error you allow as atol and/or kl_limit")
+        raise ValueError(
+            f"{why}: give the error you allow (atol and/or kl_limit; --atol / --kl-max in llama-port parity)"
+        )
     return quantised
 
 
