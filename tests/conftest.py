@@ -1,7 +1,7 @@
 """Shared builders and fixtures: tiny transformers models and their llama_port twins, models built
 from a checkpoint source, tiny Hub-format checkpoint folders (every weight layout, bf16, good copies
-to break) with the helpers that compare logits over them, the parity tool's JSON keys, and the real
-SmolLM2 GGUF with the models and tokenizer loaded from it."""
+to break) with the helpers that compare logits over them, writers of Meta and GGUF checkpoints, the
+parity tool's JSON keys, and the real SmolLM2 GGUF with the models and tokenizer loaded from it."""
 
 from __future__ import annotations
 
@@ -28,6 +28,40 @@ TINY = dict(
     eos_token_id=2,
     pad_token_id=0,
 )
+
+
+# The tiny-model matrix: tiny_config_dict overrides covering every attention layout and rope type.
+TINY_HEAD_DIM = 16  # tiny_config_dict: hidden 64 / 4 heads
+TINY_MATRIX = {
+    "gqa": {},
+    "mha": dict(num_key_value_heads=4),
+    "mqa": dict(num_key_value_heads=1),
+    "head_dim_32": dict(head_dim=32),
+    "biases": dict(attention_bias=True, mlp_bias=True),
+    "tied": dict(tie_word_embeddings=True),
+    "rope_linear": dict(rope_scaling={"type": "linear", "factor": 2.0}),
+    "rope_dynamic_past_max": dict(max_position_embeddings=8, rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+    "rope_yarn": dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
+    "rope_longrope_long": dict(
+        rope_scaling={
+            "rope_type": "longrope",
+            "short_factor": [1.0 + 0.1 * i for i in range(TINY_HEAD_DIM // 2)],
+            "long_factor": [1.5 + 0.3 * i for i in range(TINY_HEAD_DIM // 2)],
+            "original_max_position_embeddings": 8,
+        }
+    ),
+    "rope_llama3": dict(
+        rope_theta=500000.0,
+        rope_parameters={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+            "rope_theta": 500000.0,
+        },
+    ),
+}
 
 
 def tiny_config_dict(**overrides) -> dict:
@@ -202,6 +236,148 @@ def saved(tmp_path_factory) -> dict[str, Path]:
 
 def copy_of(saved: dict[str, Path], name: str, tmp_path: Path) -> Path:
     return Path(shutil.copytree(saved[name], tmp_path / name))
+
+
+# ------------------------------------------------------- Meta and GGUF checkpoints written here
+# Written as Meta's and llama.cpp's own tools lay them out, by row indexing written here (not
+# llama_port's names.py reshapes), so no reader is checked against itself.
+def interleave_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """transformers' half-split q/k rows -> llama.cpp's (= Meta's) interleaved rows, by indexing."""
+    head_dim = w.shape[0] // n_heads
+    half = head_dim // 2
+    order = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).flatten()  # 0, D/2, 1, D/2+1, ...
+    rows = torch.cat([h * head_dim + order for h in range(n_heads)])
+    return w[rows].contiguous()
+
+
+def llama_cpp_tensors(hf_model, tied: bool) -> dict[str, torch.Tensor]:
+    cfg = hf_model.config
+    sd = hf_model.state_dict()
+    out = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"]}
+    if not tied:
+        out["output.weight"] = sd["lm_head.weight"]
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        out |= {
+            f"blk.{i}.attn_norm.weight": sd[p + "input_layernorm.weight"],
+            f"blk.{i}.attn_q.weight": interleave_rope_rows(sd[p + "self_attn.q_proj.weight"], cfg.num_attention_heads),
+            f"blk.{i}.attn_k.weight": interleave_rope_rows(sd[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads),
+            f"blk.{i}.attn_v.weight": sd[p + "self_attn.v_proj.weight"],
+            f"blk.{i}.attn_output.weight": sd[p + "self_attn.o_proj.weight"],
+            f"blk.{i}.ffn_norm.weight": sd[p + "post_attention_layernorm.weight"],
+            f"blk.{i}.ffn_gate.weight": sd[p + "mlp.gate_proj.weight"],
+            f"blk.{i}.ffn_up.weight": sd[p + "mlp.up_proj.weight"],
+            f"blk.{i}.ffn_down.weight": sd[p + "mlp.down_proj.weight"],
+        }
+    return out
+
+
+def write_gguf(
+    path: Path,
+    hf_model,
+    qtype=None,
+    tied: bool = False,
+    architecture: str = "llama",
+    extra_tensors: dict | None = None,
+    raw_tensors: dict | None = None,
+) -> Path:
+    """A GGUF as llama.cpp writes one: matrices in ``qtype`` (a gguf.GGMLQuantizationType, default
+    F32), 1-D norms in F32."""
+    import gguf
+    import numpy as np
+
+    Q = gguf.GGMLQuantizationType
+    qtype = Q.F32 if qtype is None else qtype
+    cfg = hf_model.config
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"<t{i}>" for i in range(cfg.vocab_size)])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(0)
+    for name, tensor in llama_cpp_tensors(hf_model, tied).items():
+        array = tensor.detach().float().numpy()
+        if array.ndim == 1 or qtype == Q.F32:
+            writer.add_tensor(name, array.astype(np.float32))
+        elif qtype == Q.F16:
+            writer.add_tensor(name, array.astype(np.float16))
+        else:  # BF16 and block-quantized types: gguf's own quantizer, written as raw bytes
+            writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+    for name, array in (extra_tensors or {}).items():
+        writer.add_tensor(name, array)
+    for name, (data, raw_dtype) in (raw_tensors or {}).items():
+        writer.add_tensor(name, data, raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def meta_state_dict(hf_model) -> dict[str, torch.Tensor]:
+    """The whole model in Meta's names and layout (one model-parallel rank)."""
+    cfg = hf_model.config
+    sd = hf_model.state_dict()
+    out = {
+        "tok_embeddings.weight": sd["model.embed_tokens.weight"],
+        "norm.weight": sd["model.norm.weight"],
+        "output.weight": sd["lm_head.weight"],
+    }
+    n_heads, n_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        out |= {
+            f"layers.{i}.attention.wq.weight": interleave_rope_rows(sd[p + "self_attn.q_proj.weight"], n_heads),
+            f"layers.{i}.attention.wk.weight": interleave_rope_rows(sd[p + "self_attn.k_proj.weight"], n_kv_heads),
+            f"layers.{i}.attention.wv.weight": sd[p + "self_attn.v_proj.weight"],
+            f"layers.{i}.attention.wo.weight": sd[p + "self_attn.o_proj.weight"],
+            f"layers.{i}.feed_forward.w1.weight": sd[p + "mlp.gate_proj.weight"],
+            f"layers.{i}.feed_forward.w2.weight": sd[p + "mlp.down_proj.weight"],
+            f"layers.{i}.feed_forward.w3.weight": sd[p + "mlp.up_proj.weight"],
+            f"layers.{i}.attention_norm.weight": sd[p + "input_layernorm.weight"],
+            f"layers.{i}.ffn_norm.weight": sd[p + "post_attention_layernorm.weight"],
+        }
+    # Llama 1/2 files carry the rotary buffer; readers must skip it.
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    out["rope.freqs"] = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    return {k: v.clone() for k, v in out.items()}
+
+
+def split_for_ranks(state: dict[str, torch.Tensor], ranks: int, vocab_parallel_embedding: bool) -> list[dict]:
+    """Split as fairscale's layers do: column-parallel along rows, row-parallel along columns."""
+    rows = ("wq", "wk", "wv", "w1", "w3", "output.weight")
+    cols = ("wo", "w2")
+    shards: list[dict] = [{} for _ in range(ranks)]
+    for name, tensor in state.items():
+        if name == "tok_embeddings.weight":
+            pieces = tensor.chunk(ranks, dim=0 if vocab_parallel_embedding else 1)
+        elif any(f".{k}." in name or name == k for k in rows):
+            pieces = tensor.chunk(ranks, dim=0)
+        elif any(f".{k}." in name for k in cols):
+            pieces = tensor.chunk(ranks, dim=1)
+        else:
+            pieces = [tensor] * ranks  # norms, rope.freqs: replicated
+        for shard, piece in zip(shards, pieces):
+            shard[name] = piece.clone()
+    return shards
+
+
+def write_meta_checkpoint(folder: Path, hf_model, params: dict, ranks: int = 1, vocab_parallel_embedding=False) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "params.json").write_text(json.dumps(params))
+    for rank, shard in enumerate(split_for_ranks(meta_state_dict(hf_model), ranks, vocab_parallel_embedding)):
+        torch.save(shard, folder / f"consolidated.{rank:02d}.pth")
+    return folder
 
 
 # ------------------------------------------------------------------------------- parity tool

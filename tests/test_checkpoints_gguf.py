@@ -1,7 +1,7 @@
 """GGUF reader: tiny files written here with gguf's GGUFWriter, and the real SmolLM2-135M Q4_1 file.
 
-The tiny files are written as llama.cpp's convert_hf_to_gguf.py writes them (q/k rows permuted to
-the interleaved rotary layout, by indexing written in this file, not names.py), then loaded and
+The tiny files are written as llama.cpp's convert_hf_to_gguf.py writes them (conftest.py's
+write_gguf: q/k rows permuted to the interleaved rotary layout by indexing, not names.py), then loaded and
 compared with transformers: with the original model for F32 files, with transformers' own GGUF
 loading (``from_pretrained(folder, gguf_file=...)``) for F16/BF16/quantized ones.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import load_port_model, make_hf_model, report_max_diff, tiny_config_dict
+from conftest import load_port_model, make_hf_model, report_max_diff, tiny_config_dict, write_gguf
 
 import llama_port
 from llama_port.checkpoints.errors import (
@@ -30,84 +30,6 @@ Q = gguf.GGMLQuantizationType
 TOL = 1e-5
 # GGUF's quantized row blocks are 32 (Q8_0, Q4_x) wide, so every matrix dim must be a multiple of 32.
 GGUF_TINY = dict(intermediate_size=128)
-
-
-# -------------------------------------------------------------------------- writing GGUF files
-def interleave_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """transformers' half-split q/k rows -> llama.cpp's (= Meta's) interleaved rows, by indexing."""
-    head_dim = w.shape[0] // n_heads
-    half = head_dim // 2
-    order = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).flatten()  # 0, D/2, 1, D/2+1, ...
-    rows = torch.cat([h * head_dim + order for h in range(n_heads)])
-    return w[rows].contiguous()
-
-
-def llama_cpp_tensors(hf_model, tied: bool) -> dict[str, torch.Tensor]:
-    cfg = hf_model.config
-    sd = hf_model.state_dict()
-    out = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"]}
-    if not tied:
-        out["output.weight"] = sd["lm_head.weight"]
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        out |= {
-            f"blk.{i}.attn_norm.weight": sd[p + "input_layernorm.weight"],
-            f"blk.{i}.attn_q.weight": interleave_rope_rows(sd[p + "self_attn.q_proj.weight"], cfg.num_attention_heads),
-            f"blk.{i}.attn_k.weight": interleave_rope_rows(sd[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads),
-            f"blk.{i}.attn_v.weight": sd[p + "self_attn.v_proj.weight"],
-            f"blk.{i}.attn_output.weight": sd[p + "self_attn.o_proj.weight"],
-            f"blk.{i}.ffn_norm.weight": sd[p + "post_attention_layernorm.weight"],
-            f"blk.{i}.ffn_gate.weight": sd[p + "mlp.gate_proj.weight"],
-            f"blk.{i}.ffn_up.weight": sd[p + "mlp.up_proj.weight"],
-            f"blk.{i}.ffn_down.weight": sd[p + "mlp.down_proj.weight"],
-        }
-    return out
-
-
-def write_gguf(
-    path: Path,
-    hf_model,
-    qtype=Q.F32,
-    tied: bool = False,
-    architecture: str = "llama",
-    extra_tensors: dict[str, np.ndarray] | None = None,
-    raw_tensors: dict[str, tuple[np.ndarray, object]] | None = None,
-) -> Path:
-    """A GGUF as llama.cpp writes one: matrices in ``qtype``, 1-D norms in F32."""
-    cfg = hf_model.config
-    writer = gguf.GGUFWriter(str(path), architecture)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    writer.add_vocab_size(cfg.vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list([f"<t{i}>" for i in range(cfg.vocab_size)])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_pad_token_id(0)
-    for name, tensor in llama_cpp_tensors(hf_model, tied).items():
-        array = tensor.detach().float().numpy()
-        if array.ndim == 1 or qtype == Q.F32:
-            writer.add_tensor(name, array.astype(np.float32))
-        elif qtype == Q.F16:
-            writer.add_tensor(name, array.astype(np.float16))
-        else:  # BF16 and block-quantized types: gguf's own quantizer, written as raw bytes
-            writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
-    for name, array in (extra_tensors or {}).items():
-        writer.add_tensor(name, array)
-    for name, (data, raw_dtype) in (raw_tensors or {}).items():
-        writer.add_tensor(name, data, raw_dtype=raw_dtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 def load_transformers_gguf(path: Path):

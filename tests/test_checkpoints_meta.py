@@ -1,7 +1,8 @@
 """Meta's params.json + consolidated.NN.pth reader, against transformers and against Meta's own math.
 
-The Meta checkpoints are written here from tiny transformers models by a conversion written in
-this file (row indexing, not names.py's reshapes), so the reader is not checked against itself.
+The Meta checkpoints are written from tiny transformers models by a conversion written in the
+tests (conftest.py's write_meta_checkpoint: row indexing, not names.py's reshapes), so the reader
+is not checked against itself.
 A second reference is Meta's reference forward pass, complex-number RoPE included, run on the raw
 Meta tensors: it proves the q/k permutation by something other than a round trip.
 """
@@ -10,87 +11,24 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import load_port_model, make_hf_model, report_max_diff, tiny_config_dict
+from conftest import (
+    load_port_model,
+    make_hf_model,
+    meta_state_dict,
+    report_max_diff,
+    tiny_config_dict,
+    write_meta_checkpoint,
+)
 
 import llama_port
 from llama_port.checkpoints.errors import CheckpointNotFoundError, ShapeMismatchError
 from llama_port.checkpoints.meta import meta_ffn_hidden_dim, read_meta_checkpoint
 
 TOL = 1e-5
-
-
-# ------------------------------------------------------------------- writing Meta checkpoints
-def meta_rows_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """transformers' half-split q/k rows -> Meta's interleaved rows by explicit indexing.
-
-    Meta row 2j of a head is transformers' row j (a pair's first element), row 2j + 1 is row
-    j + D/2 (its second)."""
-    head_dim = w.shape[0] // n_heads
-    half = head_dim // 2
-    order = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).flatten()  # 0, D/2, 1, D/2+1, ...
-    rows = torch.cat([h * head_dim + order for h in range(n_heads)])
-    return w[rows].contiguous()
-
-
-def meta_state_dict(hf_model) -> dict[str, torch.Tensor]:
-    """The whole model in Meta's names and layout (one model-parallel rank)."""
-    cfg = hf_model.config
-    sd = hf_model.state_dict()
-    out = {
-        "tok_embeddings.weight": sd["model.embed_tokens.weight"],
-        "norm.weight": sd["model.norm.weight"],
-        "output.weight": sd["lm_head.weight"],
-    }
-    n_heads, n_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        out |= {
-            f"layers.{i}.attention.wq.weight": meta_rows_from_hf(sd[p + "self_attn.q_proj.weight"], n_heads),
-            f"layers.{i}.attention.wk.weight": meta_rows_from_hf(sd[p + "self_attn.k_proj.weight"], n_kv_heads),
-            f"layers.{i}.attention.wv.weight": sd[p + "self_attn.v_proj.weight"],
-            f"layers.{i}.attention.wo.weight": sd[p + "self_attn.o_proj.weight"],
-            f"layers.{i}.feed_forward.w1.weight": sd[p + "mlp.gate_proj.weight"],
-            f"layers.{i}.feed_forward.w2.weight": sd[p + "mlp.down_proj.weight"],
-            f"layers.{i}.feed_forward.w3.weight": sd[p + "mlp.up_proj.weight"],
-            f"layers.{i}.attention_norm.weight": sd[p + "input_layernorm.weight"],
-            f"layers.{i}.ffn_norm.weight": sd[p + "post_attention_layernorm.weight"],
-        }
-    # Llama 1/2 files carry the rotary buffer; readers must skip it.
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
-    out["rope.freqs"] = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
-    return {k: v.clone() for k, v in out.items()}
-
-
-def split_for_ranks(state: dict[str, torch.Tensor], ranks: int, vocab_parallel_embedding: bool) -> list[dict]:
-    """Split as fairscale's layers do: column-parallel along rows, row-parallel along columns."""
-    rows = ("wq", "wk", "wv", "w1", "w3", "output.weight")
-    cols = ("wo", "w2")
-    shards: list[dict] = [{} for _ in range(ranks)]
-    for name, tensor in state.items():
-        if name == "tok_embeddings.weight":
-            pieces = tensor.chunk(ranks, dim=0 if vocab_parallel_embedding else 1)
-        elif any(f".{k}." in name or name == k for k in rows):
-            pieces = tensor.chunk(ranks, dim=0)
-        elif any(f".{k}." in name for k in cols):
-            pieces = tensor.chunk(ranks, dim=1)
-        else:
-            pieces = [tensor] * ranks  # norms, rope.freqs: replicated
-        for shard, piece in zip(shards, pieces):
-            shard[name] = piece.clone()
-    return shards
-
-
-def write_meta_checkpoint(folder: Path, hf_model, params: dict, ranks: int = 1, vocab_parallel_embedding=False) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "params.json").write_text(json.dumps(params))
-    for rank, shard in enumerate(split_for_ranks(meta_state_dict(hf_model), ranks, vocab_parallel_embedding)):
-        torch.save(shard, folder / f"consolidated.{rank:02d}.pth")
-    return folder
 
 
 # --------------------------------------------------------------------- Meta's reference forward

@@ -10,42 +10,10 @@ import pytest
 import torch
 
 import llama_port
+from conftest import TINY_MATRIX as CONFIGS
 from conftest import make_hf_model, make_port_model, report_max_diff, tiny_config_dict
 
 ATOL = 1e-5
-HEAD_DIM = 16  # tiny_config_dict: hidden 64 / 4 heads
-
-CONFIGS = {
-    "gqa": {},
-    "mha": dict(num_key_value_heads=4),
-    "mqa": dict(num_key_value_heads=1),
-    "head_dim_32": dict(head_dim=32),
-    "biases": dict(attention_bias=True, mlp_bias=True),
-    "tied": dict(tie_word_embeddings=True),
-    "rope_linear": dict(rope_scaling={"type": "linear", "factor": 2.0}),
-    "rope_dynamic_past_max": dict(max_position_embeddings=8, rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
-    "rope_yarn": dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
-    "rope_longrope_long": dict(
-        rope_scaling={
-            "rope_type": "longrope",
-            "short_factor": [1.0 + 0.1 * i for i in range(HEAD_DIM // 2)],
-            "long_factor": [1.5 + 0.3 * i for i in range(HEAD_DIM // 2)],
-            "original_max_position_embeddings": 8,
-        }
-    ),
-    "rope_llama3": dict(
-        rope_theta=500000.0,
-        rope_parameters={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 16,
-            "rope_theta": 500000.0,
-        },
-    ),
-}
-
 SEQ_LEN = 12  # past max_position_embeddings=8 (dynamic) and original 8 (longrope's long factors)
 
 

@@ -1,5 +1,8 @@
 """``llama-port parity``: load a checkpoint into llama_port and into transformers' own loader, run
 llama_port.parity.compare on prompts plus a random left-padded batch, print and write the report.
+``--stream`` (automatic when the two whole models would not fit in memory) compares one decoder
+layer at a time (parity.compare_streaming); ``--against B`` compares the checkpoint with another
+checkpoint of the same model in another format (parity.compare_checkpoints).
 
 Exit codes: 0 passed, 1 failed; bad usage or an unreadable checkpoint raise ValueError /
 FileNotFoundError, which main() turns into exit code 2.
@@ -8,21 +11,33 @@ FileNotFoundError, which main() turns into exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from ..attention import BACKENDS, get_backend
+from ..checkpoints import CheckpointSource
 from ..dtypes import LOW_PRECISION_DTYPES
 from ..parity import (
     DEFAULT_PROMPTS,
+    ParityReport,
+    PortLayers,
+    ReferenceLayers,
+    check_pair,
     compare,
+    compare_checkpoints,
+    compare_streaming,
+    gguf_parse_cache,
     load_checkpoint_tokenizer,
     load_reference,
     parity_batch,
@@ -44,9 +59,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", nargs="+", default=None, help="prompt texts (default: a few built-in ones)")
     parser.add_argument("--seq-len", type=int, default=32, help="length of the random left-padded batch")
     parser.add_argument("--batch", type=int, default=2, help="rows of the random left-padded batch")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens both models generate")
+    parser.add_argument("--max-new-tokens", type=int, default=32,
+                        help="greedy tokens both whole models generate (streaming: see --greedy-tokens)")
+    parser.add_argument("--greedy-tokens", type=int, default=None, metavar="N",
+                        help="greedy tokens when streaming (default 0: skipped, as each token streams every layer "
+                             "of both models)")
+    parser.add_argument("--against", default=None, metavar="CHECKPOINT",
+                        help="compare CHECKPOINT with this other checkpoint of the same model in another format "
+                             "(each read by its own format's reader, both run by llama_port): is the conversion "
+                             "faithful?")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--stream", dest="stream", action="store_true", default=None,
+                      help="compare one decoder layer at a time (default: when two whole models would not fit)")
+    mode.add_argument("--no-stream", dest="stream", action="store_false",
+                      help="hold both whole models in memory even when they would not fit")
     parser.add_argument("--atol", type=float, default=None,
-                        help="fp32 pass bound on max |logit diff| (default 1e-4)")
+                        help="fp32 pass bound on max |logit diff| (default 1e-4); with --against on a quantised "
+                             "checkpoint, the error you allow")
+    parser.add_argument("--kl-max", dest="kl_limit", type=float, default=None, metavar="KL",
+                        help="pass bound on the largest KL(reference || ours); with --against on a quantised "
+                             "checkpoint, the error you allow (instead of or with --atol)")
     parser.add_argument("--ratio", type=float, default=None,
                         help="bf16/fp16 pass bound: our error / the reference's own error (default 2.0)")
     parser.add_argument("--allow-token-mismatch", action="store_true",
@@ -66,57 +98,25 @@ def run(args: argparse.Namespace) -> int:
     err_console = Console(file=sys.stderr, highlight=False)
     show_progress = not args.quiet and sys.stderr.isatty()
     started = time.perf_counter()
-    reference_attn = get_backend(args.attn).reference_name
 
     with _Progress(err_console, show_progress) as progress, tempfile.TemporaryDirectory() as tmp:
-        progress.step("finding the checkpoint")
+        progress.step("open", "finding the checkpoint" + ("s" if args.against else ""))
         source = open_source(args.checkpoint)
-        _check_batch_fits(args, source.config)
+        other = open_source(args.against) if args.against is not None else None
+        streamed = _streamed(args, source.config, err_console)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            progress.step(f"loading the reference (transformers, {args.dtype}, {reference_attn})")
-            reference = load_reference(source, args.dtype, args.device, reference_attn, Path(tmp))
-            reference_fp32 = None
-            if args.dtype in LOW_PRECISION_DTYPES:
-                progress.step("loading the float32 reference (the yardstick for low precision)")
-                reference_fp32 = load_reference(source, "float32", args.device, reference_attn, Path(tmp))
-            progress.step(f"loading llama_port ({args.dtype}, {args.attn})")
-            ours = load_model(source, args.dtype, args.device, args.attn)
-            progress.step("loading the tokenizer")
-            tokenizer = load_checkpoint_tokenizer(source)
-        input_ids, attention_mask, generation_ids, notes = parity_batch(
-            args.prompt or DEFAULT_PROMPTS, tokenizer, ours.config.vocab_size, ours.config.pad_token_id,
-            args.batch, args.seq_len,
-        )
-        notes += [f"while loading: {w.message}" for w in caught if _is_own_warning(w)]
-        progress.step(
-            f"comparing on {input_ids.shape[0]} rows x {input_ids.shape[1]} tokens, "
-            f"then {args.max_new_tokens} greedy tokens"
-        )
-        report = compare(
-            ours,
-            reference,
-            input_ids,
-            attention_mask,
-            generation_input_ids=generation_ids,
-            max_new_tokens=args.max_new_tokens,
-            dtype=args.dtype,
-            atol=args.atol,
-            ratio=args.ratio,
-            allow_token_mismatch=args.allow_token_mismatch,
-            reference_fp32=reference_fp32,
-        )
+            if other is not None:
+                report, batch = _against(args, source, other, streamed, progress)
+            elif streamed:
+                report, batch = _stream(args, source, progress, Path(tmp))
+            else:
+                report, batch = _whole(args, source, progress, Path(tmp))
+        batch.notes += [f"warning: {w.message}" for w in caught if _is_own_warning(w)]
     report.checkpoint = str(source.location)
-    report.notes = notes + report.notes
-    if source.format == "meta":
-        report.notes.append(
-            "Meta checkpoint: transformers cannot read consolidated.*.pth, so the reference was loaded "
-            "from llama_port's conversion of it and shares our Meta name mapping and permutations"
-        )
-    if args.dtype == "float32" and args.ratio is not None:
-        report.notes.append("--ratio applies to bfloat16/float16 only; float32 is judged by --atol")
-    if generation_ids is not None and args.max_new_tokens > 0:
-        report.notes.append(f"greedy prompt: {(args.prompt or DEFAULT_PROMPTS)[0]!r}")
+    report.notes = batch.notes + report.notes
+    report.timings = progress.timings | report.timings
+    _add_notes(args, report, source, batch)
 
     print_report(report, out, elapsed=time.perf_counter() - started)
     if args.json == "-":
@@ -129,6 +129,120 @@ def run(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+@dataclass
+class _Batch:
+    """The compared batch (parity_batch's): ids and mask (B, L), the greedy prompt (1, T) or None, notes."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    generation_ids: Tensor | None
+    notes: list[str]
+
+
+def _batch(args: argparse.Namespace, tokenizer: Any, config: Any) -> _Batch:
+    return _Batch(*parity_batch(
+        args.prompt or DEFAULT_PROMPTS, tokenizer, config.vocab_size, config.pad_token_id, args.batch, args.seq_len
+    ))  # fmt: skip
+
+
+def _reference_side(
+    args: argparse.Namespace, source: CheckpointSource, progress: _Progress, tmp: Path, load: Callable, how: str
+) -> tuple[Any, Any, Any]:
+    """(reference, its float32 yardstick in low precision or None, the tokenizer); ``load`` is
+    load_reference or ReferenceLayers (the same arguments)."""
+    reference_attn = get_backend(args.attn).reference_name
+    with gguf_parse_cache():  # transformers' loads of a GGUF share one parse of it
+        progress.step("reference", f"{how} the reference (transformers, {args.dtype}, {reference_attn})")
+        reference = load(source, args.dtype, args.device, reference_attn, tmp)
+        reference_fp32 = None
+        if args.dtype in LOW_PRECISION_DTYPES:
+            progress.step("reference fp32", f"{how} the float32 reference (the yardstick for low precision)")
+            reference_fp32 = load(source, "float32", args.device, reference_attn, tmp)
+        progress.step("tokenizer", "loading the tokenizer")
+        tokenizer = load_checkpoint_tokenizer(source)
+    return reference, reference_fp32, tokenizer
+
+
+def _whole(args: argparse.Namespace, source: CheckpointSource, progress: _Progress, tmp: Path) -> tuple[ParityReport, _Batch]:
+    """Both whole models in memory: transformers' (and its float32 yardstick) and ours."""
+    reference, reference_fp32, tokenizer = _reference_side(args, source, progress, tmp, load_reference, "loading")
+    progress.step("ours", f"loading llama_port ({args.dtype}, {args.attn})")
+    ours = load_model(source, args.dtype, args.device, args.attn)
+    batch = _batch(args, tokenizer, ours.config)
+    progress.step(None, f"comparing on {_shape(batch)}, then {args.max_new_tokens} greedy tokens")
+    report = compare(
+        ours, reference, batch.input_ids, batch.attention_mask, generation_input_ids=batch.generation_ids,
+        max_new_tokens=args.max_new_tokens, dtype=args.dtype, atol=args.atol, ratio=args.ratio,
+        kl_limit=args.kl_limit, allow_token_mismatch=args.allow_token_mismatch, reference_fp32=reference_fp32,
+    )
+    return report, batch
+
+
+def _stream(args: argparse.Namespace, source: CheckpointSource, progress: _Progress, tmp: Path) -> tuple[ParityReport, _Batch]:
+    """One decoder layer at a time: transformers' layers (ReferenceLayers) and ours (PortLayers)."""
+    reference, reference_fp32, tokenizer = _reference_side(
+        args, source, progress, tmp, ReferenceLayers, "opening layer by layer"
+    )
+    progress.step("ours", f"opening llama_port layer by layer ({args.dtype}, {args.attn})")
+    ours = PortLayers(source, args.dtype, args.device, args.attn)
+    batch = _batch(args, tokenizer, source.config)
+    with progress.bar(None, f"comparing layer by layer on {_shape(batch)}", ours.num_hidden_layers) as advance:
+        report = compare_streaming(
+            ours, reference, batch.input_ids, batch.attention_mask, dtype=args.dtype,
+            generation_input_ids=batch.generation_ids, max_new_tokens=args.greedy_tokens or 0, atol=args.atol,
+            ratio=args.ratio, kl_limit=args.kl_limit, allow_token_mismatch=args.allow_token_mismatch,
+            reference_fp32=reference_fp32, progress=advance,
+        )
+    return report, batch
+
+
+def _against(
+    args: argparse.Namespace, source: CheckpointSource, other: CheckpointSource, streamed: bool, progress: _Progress
+) -> tuple[ParityReport, _Batch]:
+    """CHECKPOINT against --against's checkpoint, both run by llama_port (parity.compare_checkpoints)."""
+    with gguf_parse_cache():  # a GGUF's quantisation check and its tokenizer share one parse
+        try:
+            check_pair(source, other, args.dtype, args.atol, args.kl_limit)  # before loading anything
+        except ValueError as err:
+            raise ValueError(f"--against {args.against}: {err}") from err
+        progress.step("tokenizer", "loading the tokenizer")
+        tokenizer = load_checkpoint_tokenizer(source) or load_checkpoint_tokenizer(other)
+    batch = _batch(args, tokenizer, source.config)
+    greedy = (args.greedy_tokens or 0) if streamed else args.max_new_tokens
+    how = "layer by layer" if streamed else "loading both"
+    with progress.bar(None, f"comparing {how} on {_shape(batch)}", source.config.num_hidden_layers) as advance:
+        report = compare_checkpoints(
+            source, other, batch.input_ids, batch.attention_mask, dtype=args.dtype, device=args.device,
+            attn=args.attn, stream=streamed, generation_input_ids=batch.generation_ids, max_new_tokens=greedy,
+            atol=args.atol, kl_limit=args.kl_limit, allow_token_mismatch=args.allow_token_mismatch,
+            progress=advance,
+        )
+    return report, batch
+
+
+def _shape(batch: _Batch) -> str:
+    return f"{batch.input_ids.shape[0]} rows x {batch.input_ids.shape[1]} tokens"
+
+
+def _add_notes(args: argparse.Namespace, report: ParityReport, source: CheckpointSource, batch: _Batch) -> None:
+    if source.format == "meta" and report.mode != "against":
+        report.notes.append(
+            "Meta checkpoint: transformers cannot read consolidated.*.pth, so the reference was loaded "
+            "from llama_port's conversion of it and shares our Meta name mapping and permutations"
+        )
+    if source.format == "gguf" and report.mode == "stream":
+        report.notes.append(
+            "GGUF streamed: the reference's weights were read by the functions transformers' GGUF loading runs "
+            "(gguf's dequantize, its llama tensor processor and name map), one layer at a time"
+        )
+    if args.dtype == "float32" and args.ratio is not None:
+        report.notes.append("--ratio applies to bfloat16/float16 only; float32 is judged by --atol")
+    if args.greedy_tokens is not None and not report.streamed:
+        report.notes.append("--greedy-tokens applies when streaming; whole models generated --max-new-tokens")
+    if batch.generation_ids is not None and report.greedy_match is not None:
+        report.notes.append(f"greedy prompt: {(args.prompt or DEFAULT_PROMPTS)[0]!r}")
+
+
 def _check_args(args: argparse.Namespace) -> None:
     if args.seq_len < 1:
         raise ValueError(f"--seq-len {args.seq_len}; expected >= 1")
@@ -136,8 +250,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--batch {args.batch}; expected >= 0")
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens}; expected >= 0")
-    for flag in ("atol", "ratio"):
-        value = getattr(args, flag)
+    if args.greedy_tokens is not None and args.greedy_tokens < 0:
+        raise ValueError(f"--greedy-tokens {args.greedy_tokens}; expected >= 0")
+    for flag, value in (("atol", args.atol), ("ratio", args.ratio), ("kl-max", args.kl_limit)):
         if value is not None and not value > 0:
             raise ValueError(f"--{flag} {value}; expected a positive number")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -165,33 +280,52 @@ def _check_writable(flag: str, path: Path) -> None:
         raise ValueError(f"{flag} {path}: not writable here")
 
 
-def _check_batch_fits(args: argparse.Namespace, config: Any) -> None:
-    """Refuse, before loading anything, a random batch longer than the model's context or larger
-    than the memory it would take (ValueError naming the flag, the bound and the estimate)."""
+def _streamed(args: argparse.Namespace, config: Any, console: Any) -> bool:
+    """Whether to stream: --stream / --no-stream, else only when the whole models would not fit
+    (said on stderr). Checked before loading anything: a batch longer than the model's context, or
+    needing more memory than is available in the chosen mode, is refused (ValueError naming the
+    flag, the bound and the estimate)."""
     if args.seq_len > config.max_position_embeddings:
         raise ValueError(
             f"--seq-len {args.seq_len} exceeds the checkpoint's max_position_embeddings={config.max_position_embeddings}"
         )
     rows = args.batch + len(args.prompt or DEFAULT_PROMPTS)
-    needed = _parity_bytes(config, rows, args.seq_len, models=3 if args.dtype in LOW_PRECISION_DTYPES else 2)
+    models = 3 if args.dtype in LOW_PRECISION_DTYPES and args.against is None else 2
+    whole = _parity_bytes(config, rows, args.seq_len, models, streamed=False)
+    stream = _parity_bytes(config, rows, args.seq_len, models, streamed=True)
     available = _available_memory()
+    streamed = args.stream if args.stream is not None else available is not None and whole > available
+    needed = stream if streamed else whole
     if available is not None and needed > available:
         raise ValueError(
             f"--batch {args.batch} x --seq-len {args.seq_len} needs about {needed / 2**30:.1f} GiB for the weights, "
-            f"logits and per-layer states of the compared models; {available / 2**30:.1f} GiB is available. "
-            "Lower --batch or --seq-len"
+            f"logits and per-layer states of the compared models{' streamed' if streamed else ''}; "
+            f"{available / 2**30:.1f} GiB is available. Lower --batch or --seq-len"
         )
+    if streamed and args.stream is None:
+        console.print(
+            f"note: two whole models need about {whole / 2**30:.1f} GiB and {available / 2**30:.1f} GiB is available: "
+            "comparing one decoder layer at a time (--no-stream forces the whole-model path)",
+            soft_wrap=True,
+        )
+    return streamed
 
 
-def _parity_bytes(config: Any, rows: int, seq_len: int, models: int) -> int:
-    """A floor on compare()'s memory, in float32: every model's weights, its logits (B, T, V) and its
-    per-layer hidden states (L + 3 probes of (B, T, C)), plus the float64 KL of one logits copy."""
+def _parity_bytes(config: Any, rows: int, seq_len: int, models: int, streamed: bool) -> int:
+    """A floor on the comparison's memory, in float32, for ``models`` models: whole, each model's
+    weights and per-layer hidden states (L + 3 probes of (B, T, C)); streamed, each model's
+    embedding (or head), one decoder layer and a few hidden states; in both, each model's logits
+    (B, T, V) and the float64 KL of one logits copy."""
     hidden, heads = config.hidden_size, config.num_attention_heads * config.head_dim
     kv = config.num_key_value_heads * config.head_dim
     layer = hidden * (2 * heads + 2 * kv) + 3 * hidden * config.intermediate_size
-    weights = config.vocab_size * hidden * 2 + config.num_hidden_layers * layer
+    embedding = config.vocab_size * hidden
     tokens = rows * seq_len
-    activations = tokens * (config.vocab_size + (config.num_hidden_layers + 3) * hidden)
+    if streamed:
+        weights, states = embedding + layer, 4
+    else:
+        weights, states = 2 * embedding + config.num_hidden_layers * layer, config.num_hidden_layers + 3
+    activations = tokens * (config.vocab_size + states * hidden)
     return 4 * models * (weights + activations) + 8 * 2 * tokens * config.vocab_size
 
 
@@ -213,14 +347,17 @@ def _is_own_warning(w: warnings.WarningMessage) -> bool:
 
 
 class _Progress:
-    """One rich status line on stderr that shows the current step; silent when disabled."""
+    """One rich status line on stderr that shows the current step, and a bar over layers while
+    streaming; silent when disabled. ``timings``: seconds per step, always measured."""
 
     def __init__(self, console: Any, enabled: bool) -> None:
         self.console = console
         self.enabled = enabled
         self.status = None
         self.current: str | None = None
+        self.key: str | None = None
         self.started = 0.0
+        self.timings: dict[str, float] = {}
 
     def __enter__(self) -> _Progress:
         if self.enabled:
@@ -228,15 +365,45 @@ class _Progress:
             self.status.__enter__()
         return self
 
-    def step(self, message: str) -> None:
+    def step(self, key: str | None, message: str) -> None:
+        """Start step ``key`` (its name in ``timings``; None: a step the report times itself), shown as ``message``."""
         self._finish_current()
-        self.current, self.started = message, time.perf_counter()
+        self.key, self.current, self.started = key, message, time.perf_counter()
         if self.status is not None:
             self.status.update(message + " ...")
 
+    @contextlib.contextmanager
+    def bar(self, key: str | None, message: str, total: int) -> Iterator[Callable[[int, int], None] | None]:
+        """Step ``key`` with a bar over ``total`` layers: yields the (done, total) callback (None when silent)."""
+        self.step(key, message)
+        if self.status is None:
+            yield None
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self.status.stop()  # one live display at a time
+        columns = (TextColumn(message), BarColumn(), MofNCompleteColumn(), TextColumn("layers"), TimeRemainingColumn())
+        try:
+            with Progress(*columns, console=self.console, transient=True) as bar:
+                task = bar.add_task(message, total=total)
+                yield lambda done, layers: bar.update(task, completed=done, total=layers)
+        finally:
+            self.status.start()
+
     def _finish_current(self) -> None:
-        if self.enabled and self.current is not None:
-            self.console.print(f"[green]done[/] {self.current} ({time.perf_counter() - self.started:.1f}s)")
+        if self.current is None:
+            return
+        seconds = time.perf_counter() - self.started
+        if self.key is not None:
+            self.timings[self.key] = self.timings.get(self.key, 0.0) + seconds
+        if self.enabled:
+            self.console.print(f"[green]done[/] {self.current} ({seconds:.1f}s)")
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:

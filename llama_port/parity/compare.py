@@ -10,29 +10,37 @@ batch and measures, over the real (non-pad) positions only:
 - per layer: max and mean |diff| of the hidden state after ``embed_tokens``, after each decoder
   layer ``layers.i`` (its output before the final norm: captured with forward hooks on
   ``model.model.layers[i]``, which exist under the same names on both sides), after the final
-  ``norm``, and the ``lm_head`` logits;
+  ``norm``, and the ``lm_head`` logits. Two errors per probe: the carried one (``max_abs_diff``,
+  also ``carried_max_abs_diff``) runs each model on its own output, the drift a user sees; the
+  local one (``local_max_abs_diff``) runs our module on the reference's input to it (the forward
+  replayed with the reference's hidden state), so it is the error that module adds by itself;
 - greedy generation: both models extend one prompt by ``max_new_tokens`` tokens with
   do_sample=False (each stops at EOS); the first position where the continuations differ.
 
-First divergent layer (the rule): walking the per-layer entries in order, the first entry whose
-max |diff| exceeds that entry's threshold AND is more than 10x the previous entry's max |diff|
-(for the embedding the previous is taken as 0; an exact 0 before counts as "~0"). That is where
-an error enters rather than where an inherited one keeps growing: perturbing one weight of layer k
-makes ``layers.k`` jump from float noise to O(weight change). When the error grows gradually and
-no entry jumps, the first entry over its threshold is named instead. ``first_divergent_layer`` is
-the decoder-layer index of that entry (None when it is ``embed_tokens``, ``norm`` or ``lm_head``,
-or when nothing diverges); ``first_divergent_name`` always names it.
+First divergent layer (the rule): the first entry whose local error exceeds its threshold: a
+module that is wrong on correct input, named even when the carried drift is already large. When
+no module is wrong by itself (or no local errors were measured), the carried errors decide:
+walking the entries in order, the first whose max |diff| exceeds its threshold AND is more than
+10x the previous entry's (for the embedding the previous is taken as 0; an exact 0 before counts
+as "~0"), which is where an error enters rather than where an inherited one keeps growing; when
+the error grows gradually and no entry jumps, the first entry over its threshold.
+``first_divergent_layer`` is the decoder-layer index of that entry (None when it is
+``embed_tokens``, ``norm`` or ``lm_head``, or when nothing diverges); ``first_divergent_name``
+always names it.
 
 Pass rules. float32: max |logit diff| <= atol (default 1e-4). bfloat16/float16: the reference's
 own rounding error is the yardstick (as flash-attn's model tests judge a low-precision port):
 with ``reference_fp32`` (the reference loaded in float32) ours_err = max|ours_lp - ref_fp32| and
 ref_err = max|ref_lp - ref_fp32| over the logits, pass if ours_err <= ratio * ref_err (default
 ratio 2.0); per-layer thresholds are likewise ratio x the reference's own error at that layer.
-In every dtype the greedy tokens must be identical unless ``allow_token_mismatch``.
+``kl_limit``, when given, also bounds the largest KL (and, without an explicit atol, replaces the
+float32 atol: the yardstick for a quantised checkpoint). In every dtype the greedy tokens must be
+identical unless ``allow_token_mismatch``.
 
 The reference model is loaded by parity/reference.py (transformers' own loader), the inputs built
-by parity/inputs.py, the report drawn by parity/report.py; ``llama-port parity`` (cli/parity.py)
-puts them together.
+by parity/inputs.py, the report drawn by parity/report.py; parity/stream.py measures the same
+report one decoder layer at a time, and parity/against.py compares two checkpoints of one model;
+``llama-port parity`` (cli/parity.py) puts them together.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ import hashlib
 import json
 import math
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -51,6 +60,7 @@ from torch import Tensor, nn
 
 from ..dtypes import COMPUTE_DTYPES, LOW_PRECISION_DTYPES, dtype_name
 from ..generation.stopping import eos_token_ids, until_eos
+from ..modeling import LlamaPreTrainedModel
 
 DEFAULT_ATOL = 1e-4  # float32: max |logit diff|
 DEFAULT_RATIO = 2.0  # bfloat16 / float16: our error / the reference's own error
@@ -62,6 +72,10 @@ WEIGHTS_HASH_METHOD = "sha256 over our loaded state_dict: each name (utf-8) then
 @dataclass
 class LayerDiff:
     """One probe point. layer: decoder-layer index, None for embed_tokens / norm / lm_head.
+
+    max_abs_diff / mean_abs_diff: the carried error, each model run on its own output (the drift a
+    user sees); carried_max_abs_diff repeats max_abs_diff under its explicit name.
+    local_max_abs_diff: our module run on the reference's input to it (None: not measured).
     threshold: the bound this entry is judged against by the divergence rule."""
 
     layer: int | None
@@ -69,6 +83,12 @@ class LayerDiff:
     max_abs_diff: float
     mean_abs_diff: float
     threshold: float
+    local_max_abs_diff: float | None = None
+    carried_max_abs_diff: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.carried_max_abs_diff is None:
+            self.carried_max_abs_diff = self.max_abs_diff
 
 
 @dataclass
@@ -79,7 +99,10 @@ class ParityReport:
     reference_error: max |logits - reference_fp32 logits| of ours and of the reference (low
     precision with a float32 reference only, else None). first_token_mismatch: index into the
     generated tokens where the continuations first differ (one ending early counts), None when
-    they match. failures: the reasons ``passed`` is False, one line each.
+    they match. failures: the reasons ``passed`` is False, one line each. mode: "whole" (both
+    models in memory), "stream" (one decoder layer at a time) or "against" (two checkpoints of one
+    model; ``streamed`` says how). kl_limit: the bound on kl_max, when one was given. timings:
+    seconds per phase.
     """
 
     max_abs_diff: float
@@ -112,6 +135,11 @@ class ParityReport:
     weights_hash_method: str
     checkpoint: str | None = None
     notes: list[str] = field(default_factory=list)
+    mode: str = "whole"
+    streamed: bool = False
+    against: str | None = None
+    kl_limit: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; NaN / inf figures become None so the document stays strict JSON."""
@@ -131,29 +159,39 @@ def _finite(value: Any) -> Any:
     return value
 
 
-# --------------------------------------------------------------------------------------- compare
+# ----------------------------------------------------------------------------------------- rules
 @dataclass
-class _Rule:
-    """The pass rule compare() applies: float32 by atol; low precision by ratio against a float32
-    reference (and atol when given)."""
+class Rule:
+    """The pass rule a comparison applies: float32 by atol; low precision by ratio against a
+    float32 reference (and atol when given); kl_limit bounds the largest KL when given."""
 
     dtype: str
     atol: float | None
     ratio: float | None
-    reference_fp32: nn.Module | None
+    kl_limit: float | None = None
+
+    @property
+    def layer_threshold(self) -> float:
+        """A probe's bound when no float32 reference sets it: atol, or none under a KL-only rule."""
+        return math.inf if self.atol is None else self.atol
 
 
-def _rule(dtype: str, atol: float | None, ratio: float | None, reference_fp32: nn.Module | None) -> _Rule:
+def pass_rule(
+    dtype: str, atol: float | None, ratio: float | None, has_fp32_reference: bool, kl_limit: float | None = None
+) -> Rule:
+    """The rule for ``dtype`` (see the module docstring); ValueError for an unknown dtype or a low
+    precision with no yardstick (no float32 reference, atol or kl_limit)."""
     if dtype not in COMPUTE_DTYPES:
         raise ValueError(f"dtype={dtype!r}; expected one of {sorted(COMPUTE_DTYPES)}")
     if dtype not in LOW_PRECISION_DTYPES:
-        # The reference already is the float32 run: judged by atol alone.
-        return _Rule(dtype, DEFAULT_ATOL if atol is None else atol, None, None)
-    if reference_fp32 is None and atol is None:
-        raise ValueError(f"dtype={dtype!r} needs reference_fp32 (the ratio rule) or an explicit atol")
-    if reference_fp32 is None:
-        return _Rule(dtype, atol, None, None)
-    return _Rule(dtype, atol, DEFAULT_RATIO if ratio is None else ratio, reference_fp32)
+        # The reference already is the float32 run: judged by atol (and kl_limit when given).
+        default = DEFAULT_ATOL if kl_limit is None else None
+        return Rule(dtype, default if atol is None else atol, None, kl_limit)
+    if not has_fp32_reference and atol is None and kl_limit is None:
+        raise ValueError(f"dtype={dtype!r} needs reference_fp32 (the ratio rule), an explicit atol or a kl_limit")
+    if not has_fp32_reference:
+        return Rule(dtype, atol, None, kl_limit)
+    return Rule(dtype, atol, DEFAULT_RATIO if ratio is None else ratio, kl_limit)
 
 
 @dataclass
@@ -181,27 +219,43 @@ def logit_metrics(ours: Tensor, reference: Tensor) -> _LogitMetrics:
     return _LogitMetrics(_max(diff), float(diff.mean()), top1, float(overlap.mean()), _max(kl))
 
 
-def _per_layer(
-    ours_states: list[tuple[str, int | None, Tensor]],
-    ref_states: list[tuple[str, int | None, Tensor]],
-    fp32_states: list[tuple[str, int | None, Tensor]] | None,
+def probe_diff(
+    name: str,
+    layer: int | None,
+    ours: Tensor,
+    reference: Tensor,
+    local: Tensor | None,
+    fp32: Tensor | None,
     real: Tensor,
-    rule: _Rule,
-) -> list[LayerDiff]:
-    """One LayerDiff per probe, over the real positions; the threshold is atol in float32, else
-    ratio x the reference's own error at that probe."""
-    fp32 = {name: h for name, _, h in fp32_states} if fp32_states is not None else None
-    per_layer: list[LayerDiff] = []
-    for (name, layer, ours_h), (_, _, ref_h) in zip(ours_states, ref_states, strict=True):
-        d = (ours_h[real].float() - ref_h[real].float()).abs()  # (N, C)
-        if fp32 is not None:
-            threshold = rule.ratio * _max((ref_h[real].float() - fp32[name][real].float()).abs())
-        else:
-            threshold = rule.atol
-        per_layer.append(LayerDiff(layer, name, _max(d), float(d.mean()), threshold))
-    return per_layer
+    rule: Rule,
+) -> LayerDiff:
+    """One probe's entry over the real positions of (B, T, C) states: carried |ours - reference|;
+    local |local - reference|, where ``local`` is our module's output on the reference's input
+    (None: our input was the reference's already, so local = carried); the threshold is the
+    rule's, or ratio x |reference - fp32| with a float32 reference's state ``fp32``."""
+    ref = reference[real].float()  # (N, C)
+    d = (ours[real].float() - ref).abs()
+    local_max = _max(d) if local is None else _max((local[real].float() - ref).abs())
+    threshold = rule.layer_threshold if fp32 is None else rule.ratio * _max((ref - fp32[real].float()).abs())
+    return LayerDiff(layer, name, _max(d), float(d.mean()), threshold, local_max)
 
 
+def prepare_batch(input_ids: Tensor, attention_mask: Tensor | None, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(input_ids, attention_mask, real, position_ids), each (B, T) on ``device``: the mask
+    defaults to all ones, real is it as bool, positions are ``mask.cumsum(-1) - 1`` as generate()
+    computes them for left padding. ValueError for a batch that is not (B, T) or has no real token."""
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+    input_ids = input_ids.to(device)
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+    real = attention_mask.bool()
+    if not real.any():
+        raise ValueError("attention_mask has no real (1) positions to compare")
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return input_ids, attention_mask, real, position_ids
+
+
+# --------------------------------------------------------------------------------------- compare
 @torch.no_grad()
 def compare(
     ours: nn.Module,
@@ -214,12 +268,13 @@ def compare(
     dtype: str | None = None,
     atol: float | None = None,
     ratio: float | None = None,
+    kl_limit: float | None = None,
     allow_token_mismatch: bool = False,
     reference_fp32: nn.Module | None = None,
     hash_weights: bool = True,
 ) -> ParityReport:
-    """Run ``ours`` (a llama_port LlamaForCausalLM) and ``reference`` (transformers') on the same
-    batch and judge parity (rules in the module docstring).
+    """Run ``ours`` (a llama_port LlamaForCausalLM) and ``reference`` (transformers', or another
+    llama_port model) on the same batch and judge parity (rules in the module docstring).
 
     input_ids, attention_mask: (B, T); the mask is 1 for real tokens, 0 for (left) padding;
         position ids are ``mask.cumsum(-1) - 1`` for both models, as generate() computes them.
@@ -230,55 +285,100 @@ def compare(
     atol: float32 bound on max |logit diff| (default 1e-4); in low precision an extra bound, and
         the only one when no ``reference_fp32`` is given.
     ratio: low-precision bound on ours_err / ref_err (default 2.0); needs ``reference_fp32``.
+    kl_limit: bound on the largest KL(reference || ours).
     reference_fp32: the reference loaded in float32, the yardstick for bfloat16 / float16.
     hash_weights: record weights_sha256 over ours' state dict (see WEIGHTS_HASH_METHOD).
     """
-    rule = _rule(dtype or dtype_name(_param_dtype(ours)), atol, ratio, reference_fp32)
-    if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+    rule = pass_rule(dtype or dtype_name(_param_dtype(ours)), atol, ratio, reference_fp32 is not None, kl_limit)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens}; expected >= 0")
     device = _param_device(ours)
-    input_ids = input_ids.to(device)
-    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
-    real = attention_mask.bool()  # (B, T)
-    if not real.any():
-        raise ValueError("attention_mask has no real (1) positions to compare")
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    input_ids, attention_mask, real, position_ids = prepare_batch(input_ids, attention_mask, device)
 
-    ours_logits, ours_states = _forward_with_probes(ours, input_ids, attention_mask, position_ids)
-    ref_logits, ref_states = _forward_with_probes(reference, input_ids, attention_mask, position_ids)
+    started = time.perf_counter()
+    ours_logits, ours_states, calls = _forward_with_probes(ours, input_ids, attention_mask, position_ids)
+    ref_logits, ref_states, _ = _forward_with_probes(reference, input_ids, attention_mask, position_ids)
+    local = _local_states(calls, ours_states, ref_states)
+    ours_error = reference_error = None
+    fp32 = {}
+    if reference_fp32 is not None:
+        fp32_logits, fp32_states, _ = _forward_with_probes(reference_fp32, input_ids, attention_mask, position_ids)
+        fp32 = {name: h for name, _, h in fp32_states}
+        ours_error, reference_error = errors_against_fp32(ours_logits, ref_logits, fp32_logits, real)
+    per_layer = [
+        probe_diff(name, layer, ours_h, ref_h, local.get(name), fp32.get(name), real, rule)
+        for (name, layer, ours_h), (_, _, ref_h) in zip(ours_states, ref_states, strict=True)
+    ]
     metrics = logit_metrics(ours_logits[real], ref_logits[real])
-    ours_error = reference_error = fp32_states = None
-    if rule.reference_fp32 is not None:
-        fp32_logits, fp32_states = _forward_with_probes(rule.reference_fp32, input_ids, attention_mask, position_ids)
-        fp32_real = fp32_logits[real].float()
-        ours_error = _max((ours_logits[real].float() - fp32_real).abs())
-        reference_error = _max((ref_logits[real].float() - fp32_real).abs())
-    per_layer = _per_layer(ours_states, ref_states, fp32_states, real, rule)
-    divergent = first_divergent(per_layer)
+    timings = {"forward": time.perf_counter() - started}
 
     ours_tokens: list[int] = []
     reference_tokens: list[int] = []
     if max_new_tokens > 0:
+        started = time.perf_counter()
         if generation_input_ids is None:
             generation_input_ids = input_ids[:1, real[0]]  # (1, T') row 0 without its padding
         generation_input_ids = generation_input_ids.to(device)
-        ours_tokens = _greedy_ours(ours, generation_input_ids, max_new_tokens)
-        reference_tokens = _greedy_reference(reference, generation_input_ids, max_new_tokens)
-    greedy_match = first_token_mismatch = None
-    if max_new_tokens > 0:
-        first_token_mismatch = _first_mismatch(ours_tokens, reference_tokens)
-        greedy_match = first_token_mismatch is None
-
-    failures, notes = _verdict(
-        rule, metrics.max_abs_diff, ours_error, reference_error, ours_tokens, reference_tokens,
-        first_token_mismatch, allow_token_mismatch,
-    )
+        ours_tokens = _greedy(ours, generation_input_ids, max_new_tokens)
+        reference_tokens = _greedy(reference, generation_input_ids, max_new_tokens)
+        timings["greedy"] = time.perf_counter() - started
+    notes = []
     backend = str(getattr(ours, "attn_implementation", "?"))
     ref_backend = getattr(getattr(reference, "config", None), "_attn_implementation", None)
     if ref_backend is not None and ref_backend != backend:
         notes.append(f"attention backends differ: ours {backend!r}, reference {ref_backend!r}")
+    started = time.perf_counter()
+    digest = weights_sha256(ours) if hash_weights else None
+    if hash_weights:
+        timings["hash"] = time.perf_counter() - started
+    return build_report(
+        rule, metrics, per_layer, Outcome(ours_error, reference_error, ours_tokens, reference_tokens, max_new_tokens > 0),
+        allow_token_mismatch, num_positions=int(real.sum()), device=str(device), backend=backend,
+        weights_digest=digest, notes=notes, timings=timings,
+    )
+
+
+def errors_against_fp32(ours: Tensor, reference: Tensor, fp32: Tensor, real: Tensor) -> tuple[float, float]:
+    """(max |ours - fp32|, max |reference - fp32|) over the real positions of (B, T, V) logits."""
+    fp32_real = fp32[real].float()
+    return _max((ours[real].float() - fp32_real).abs()), _max((reference[real].float() - fp32_real).abs())
+
+
+@dataclass
+class Outcome:
+    """What a comparison measured besides logits and probes: the low-precision errors against a
+    float32 reference (None without one) and the greedy tokens (``greedy_ran``: asked for)."""
+
+    ours_error: float | None
+    reference_error: float | None
+    ours_tokens: list[int]
+    reference_tokens: list[int]
+    greedy_ran: bool
+
+
+def build_report(
+    rule: Rule,
+    metrics: _LogitMetrics,
+    per_layer: list[LayerDiff],
+    outcome: Outcome,
+    allow_token_mismatch: bool,
+    *,
+    num_positions: int,
+    device: str,
+    backend: str,
+    weights_digest: str | None,
+    notes: list[str],
+    timings: dict[str, float],
+    mode: str = "whole",
+    streamed: bool = False,
+) -> ParityReport:
+    """The ParityReport for what a comparison measured: the verdict, the divergent layer, versions."""
+    first_token_mismatch = greedy_match = None
+    if outcome.greedy_ran:
+        first_token_mismatch = _first_mismatch(outcome.ours_tokens, outcome.reference_tokens)
+        greedy_match = first_token_mismatch is None
+    failures, verdict_notes = _verdict(rule, metrics, outcome, first_token_mismatch, allow_token_mismatch)
+    divergent = first_divergent(per_layer)
     transformers = sys.modules.get("transformers")
     from .. import __version__
 
@@ -296,50 +396,54 @@ def compare(
         passed=not failures,
         failures=failures,
         dtype=rule.dtype,
-        device=str(device),
+        device=device,
         backend=backend,
         atol=rule.atol,
         ratio=rule.ratio,
         allow_token_mismatch=allow_token_mismatch,
-        ours_error=ours_error,
-        reference_error=reference_error,
-        num_positions=int(real.sum()),
-        ours_tokens=ours_tokens,
-        reference_tokens=reference_tokens,
+        ours_error=outcome.ours_error,
+        reference_error=outcome.reference_error,
+        num_positions=num_positions,
+        ours_tokens=outcome.ours_tokens,
+        reference_tokens=outcome.reference_tokens,
         torch_version=torch.__version__,
         transformers_version=None if transformers is None else transformers.__version__,
         llama_port_version=__version__,
-        weights_sha256=weights_sha256(ours) if hash_weights else None,
+        weights_sha256=weights_digest,
         weights_hash_method=WEIGHTS_HASH_METHOD,
-        notes=notes,
+        notes=notes + verdict_notes,
+        mode=mode,
+        streamed=streamed,
+        kl_limit=rule.kl_limit,
+        timings=timings,
     )
 
 
 def _verdict(
-    rule: _Rule,
-    max_abs_diff: float,
-    ours_error: float | None,
-    reference_error: float | None,
-    ours_tokens: list[int],
-    reference_tokens: list[int],
+    rule: Rule,
+    metrics: _LogitMetrics,
+    outcome: Outcome,
     first_token_mismatch: int | None,
     allow_token_mismatch: bool,
 ) -> tuple[list[str], list[str]]:
     """(failures, notes): one line per broken rule; an allowed token mismatch is a note."""
     failures: list[str] = []
     notes: list[str] = []
+    ours_error, reference_error = outcome.ours_error, outcome.reference_error
     if rule.ratio is not None and not ours_error <= rule.ratio * reference_error:
         failures.append(
             f"our logit error against the float32 reference {ours_error:.3e} > {rule.ratio:g} x "
             f"the reference's own {reference_error:.3e}"
         )
-    if rule.atol is not None and not max_abs_diff <= rule.atol:
-        failures.append(f"max |logit diff| {max_abs_diff:.3e} > atol {rule.atol:.1e}")
+    if rule.atol is not None and not metrics.max_abs_diff <= rule.atol:
+        failures.append(f"max |logit diff| {metrics.max_abs_diff:.3e} > atol {rule.atol:.1e}")
+    if rule.kl_limit is not None and not metrics.kl_max <= rule.kl_limit:
+        failures.append(f"max KL(reference || ours) {metrics.kl_max:.3e} > kl_max {rule.kl_limit:.1e}")
     if first_token_mismatch is not None:
         message = (
             f"greedy generations differ from token {first_token_mismatch} "
-            f"(ours {_token_at(ours_tokens, first_token_mismatch)}, "
-            f"reference {_token_at(reference_tokens, first_token_mismatch)})"
+            f"(ours {_token_at(outcome.ours_tokens, first_token_mismatch)}, "
+            f"reference {_token_at(outcome.reference_tokens, first_token_mismatch)})"
         )
         if allow_token_mismatch:
             notes.append(message + "; allowed by allow_token_mismatch")
@@ -347,8 +451,12 @@ def _verdict(
             failures.append(message)
     return failures, notes
 
+
 def first_divergent(per_layer: Sequence[LayerDiff]) -> LayerDiff | None:
     """The entry where the divergence starts (the rule in the module docstring), or None."""
+    for entry in per_layer:
+        if entry.local_max_abs_diff is not None and _over(entry.local_max_abs_diff, entry.threshold):
+            return entry  # wrong on the reference's own input: the error enters here
     previous = 0.0
     for entry in per_layer:
         if exceeds_threshold(entry) and entry.max_abs_diff > JUMP_FACTOR * previous:
@@ -359,8 +467,13 @@ def first_divergent(per_layer: Sequence[LayerDiff]) -> LayerDiff | None:
 
 
 def exceeds_threshold(entry: LayerDiff) -> bool:
+    """The carried error over the entry's threshold."""
+    return _over(entry.max_abs_diff, entry.threshold)
+
+
+def _over(value: float, threshold: float) -> bool:
     # NaN compares False everywhere; a NaN entry is over any threshold.
-    return math.isnan(entry.max_abs_diff) or entry.max_abs_diff > entry.threshold
+    return math.isnan(value) or value > threshold
 
 
 def weights_sha256(model: nn.Module) -> str:
@@ -374,17 +487,23 @@ def weights_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+# What a forward pre-hook saw of a probe's call: the arguments after the hidden state, and the keywords.
+_Call = tuple[nn.Module, tuple, dict]
+
+
 def _forward_with_probes(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor
-) -> tuple[Tensor, list[tuple[str, int | None, Tensor]]]:
-    """Logits (B, T, V) and [(name, layer, hidden (B, T, C))] for embed_tokens, each decoder
-    layer's output, the final norm and lm_head, captured by forward hooks on modules that have
-    the same names in llama_port and transformers."""
+) -> tuple[Tensor, list[tuple[str, int | None, Tensor]], dict[str, _Call]]:
+    """Logits (B, T, V), [(name, layer, hidden (B, T, C))] for embed_tokens, each decoder layer's
+    output, the final norm and lm_head, captured by forward hooks on modules that have the same
+    names in llama_port and transformers, and each probe's call after the embedding (to replay it
+    on another input)."""
     inner = model.model
     probes: list[tuple[str, int | None, nn.Module]] = [("embed_tokens", None, inner.embed_tokens)]
     probes += [(f"layers.{i}", i, layer) for i, layer in enumerate(inner.layers)]
     probes += [("norm", None, inner.norm), ("lm_head", None, model.lm_head)]
     captured: dict[str, Tensor] = {}
+    calls: dict[str, _Call] = {}
 
     def hook(name: str):
         def capture(module: nn.Module, args: tuple, output: Tensor | tuple) -> None:
@@ -393,7 +512,14 @@ def _forward_with_probes(
 
         return capture
 
+    def pre_hook(name: str):
+        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            calls[name] = (module, args[1:], kwargs)
+
+        return record
+
     handles = [module.register_forward_hook(hook(name)) for name, _, module in probes]
+    handles += [module.register_forward_pre_hook(pre_hook(name), with_kwargs=True) for name, _, module in probes[1:]]
     try:
         logits = model(
             input_ids=input_ids.to(_param_device(model)),
@@ -405,17 +531,33 @@ def _forward_with_probes(
         for handle in handles:
             handle.remove()
     device = input_ids.device
-    return logits.to(device), [(name, layer, captured[name].to(device)) for name, layer, _ in probes]
+    return logits.to(device), [(name, layer, captured[name].to(device)) for name, layer, _ in probes], calls
 
 
-def _greedy_ours(model: nn.Module, prompt: Tensor, max_new_tokens: int) -> list[int]:
-    """Greedy continuation by llama_port's own generate() (llama_port.generation)."""
-    sequences = model.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False)  # (1, T + N)
-    return until_eos(sequences[0, prompt.shape[1] :].tolist(), eos_token_ids(model.config.eos_token_id))
+def _local_states(
+    calls: dict[str, _Call],
+    ours_states: list[tuple[str, int | None, Tensor]],
+    ref_states: list[tuple[str, int | None, Tensor]],
+) -> dict[str, Tensor]:
+    """{probe: our module's output on the reference's input to it} (each probe's input is the
+    previous probe's output), replaying our recorded call; probes whose two inputs are already
+    equal are left out, their local output being the carried one."""
+    local = {}
+    for k in range(1, len(ours_states)):
+        name, ours_in, ref_in = ours_states[k][0], ours_states[k - 1][2], ref_states[k - 1][2]
+        if torch.equal(ours_in, ref_in):
+            continue
+        module, args, kwargs = calls[name]
+        output = module(ref_in.to(_param_device(module)), *args, **kwargs)
+        local[name] = (output[0] if isinstance(output, tuple) else output).to(ref_in.device)
+    return local
 
 
-def _greedy_reference(model: nn.Module, prompt: Tensor, max_new_tokens: int) -> list[int]:
-    """Greedy continuation by transformers' own generate()."""
+def _greedy(model: nn.Module, prompt: Tensor, max_new_tokens: int) -> list[int]:
+    """Greedy continuation by the model's own library: llama_port's generate() or transformers'."""
+    if isinstance(model, LlamaPreTrainedModel):
+        sequences = model.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False)  # (1, T + N)
+        return until_eos(sequences[0, prompt.shape[1] :].tolist(), eos_token_ids(model.config.eos_token_id))
     from transformers import GenerationConfig
 
     eos = sorted(eos_token_ids(getattr(model.config, "eos_token_id", None)))

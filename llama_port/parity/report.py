@@ -8,15 +8,28 @@ from typing import Any
 
 from .compare import ParityReport, exceeds_threshold
 
+MODE_LABELS = {
+    "whole": "both whole models in memory",
+    "stream": "streamed, one decoder layer at a time",
+    "against": "checkpoint against checkpoint, both run by llama_port",
+}
+
 
 def print_report(report: ParityReport, console: Any, elapsed: float | None = None) -> None:
-    """The report as rich tables: the headline figures, then one row per probe point."""
+    """The report as rich tables: the headline figures, then one row per probe point (carried and
+    local max |diff|), then the notes, the verdict and one line of seconds per phase."""
     from rich.table import Table
 
-    summary = Table(title="llama_port vs transformers", show_header=False, title_justify="left")
+    against = report.mode == "against"
+    title = "checkpoint A vs checkpoint B" if against else "llama_port vs transformers"
+    summary = Table(title=title, show_header=False, title_justify="left")
     summary.add_column("measure", style="bold")
     summary.add_column("value", overflow="fold")
-    summary.add_row("checkpoint", report.checkpoint or "in-memory models")
+    summary.add_row("checkpoint" + (" A" if against else ""), report.checkpoint or "in-memory models")
+    if against:
+        summary.add_row("checkpoint B", report.against)
+    streamed = " (streamed)" if against and report.streamed else ""
+    summary.add_row("mode", MODE_LABELS.get(report.mode, report.mode) + streamed)
     summary.add_row("dtype / device / backend", f"{report.dtype} / {report.device} / {report.backend}")
     summary.add_row("positions compared", str(report.num_positions))
     summary.add_row("max |logit diff|", _fmt(report.max_abs_diff))
@@ -29,7 +42,7 @@ def print_report(report: ParityReport, console: Any, elapsed: float | None = Non
     summary.add_row("max KL(reference || ours)", _fmt(report.kl_max))
     summary.add_row("first divergent layer", report.first_divergent_name or "none")
     if report.greedy_match is None:
-        greedy = "not run"
+        greedy = "skipped (streamed: --greedy-tokens N runs it)" if report.streamed else "not run"
     elif report.greedy_match:
         greedy = f"identical ({len(report.ours_tokens)} tokens)"
     else:
@@ -39,25 +52,33 @@ def print_report(report: ParityReport, console: Any, elapsed: float | None = Non
         summary.add_row("rule", f"ours vs fp32 <= {report.ratio:g} x reference vs fp32")
     if report.atol is not None:
         summary.add_row("rule", f"max |logit diff| <= {report.atol:.1e}")
+    if report.kl_limit is not None:
+        summary.add_row("rule", f"max KL <= {report.kl_limit:.1e}")
     if report.weights_sha256:
         summary.add_row("weights sha256", report.weights_sha256[:16] + "...")
     if elapsed is not None:
         summary.add_row("time", f"{elapsed:.1f}s")
     console.print(summary)
 
-    layers = Table(title="per layer (hidden state after each; lm_head: logits)", title_justify="left")
+    layers = Table(
+        title="per layer (hidden state after each; lm_head: logits; local: ours fed the reference's input)",
+        title_justify="left",
+    )
     layers.add_column("#", justify="right")
     layers.add_column("probe")
     layers.add_column("max |diff|", justify="right")
+    layers.add_column("local max |diff|", justify="right")
     layers.add_column("mean |diff|", justify="right")
     layers.add_column("threshold", justify="right")
     for entry in report.per_layer:
         mark = " <- first divergent" if entry.name == report.first_divergent_name else ""
-        style = "red" if exceeds_threshold(entry) else None
+        local_over = entry.local_max_abs_diff is not None and not entry.local_max_abs_diff <= entry.threshold
+        style = "red" if exceeds_threshold(entry) or local_over else None
         layers.add_row(
             "" if entry.layer is None else str(entry.layer),
             entry.name + mark,
             _fmt(entry.max_abs_diff),
+            _fmt(entry.local_max_abs_diff),
             _fmt(entry.mean_abs_diff),
             _fmt(entry.threshold),
             style=style,
@@ -66,10 +87,15 @@ def print_report(report: ParityReport, console: Any, elapsed: float | None = Non
     for note in report.notes:
         console.print(f"note: {note}")
     if report.passed:
-        console.print("[bold green]PASS[/]: llama_port reproduces transformers on this checkpoint")
+        agree = "the two checkpoints agree" if against else "llama_port reproduces transformers on this checkpoint"
+        console.print(f"[bold green]PASS[/]: {agree}")
     else:
         for failure in report.failures:
             console.print(f"[bold red]FAIL[/]: {failure}")
+    if report.timings:
+        phases = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in report.timings.items())
+        total = f" (total {elapsed:.1f}s)" if elapsed is not None else ""
+        console.print(f"time per phase: {phases}{total}")
 
 
 def _fmt(value: float | None) -> str:
@@ -77,8 +103,8 @@ def _fmt(value: float | None) -> str:
 
 
 def write_plot(report: ParityReport, path: str | Path) -> None:
-    """A PNG of per-layer max and mean |diff| on a log scale, with the thresholds and the first
-    divergent entry marked. Exact zeros are drawn at a floor below the smallest nonzero value."""
+    """A PNG of per-layer max, local max and mean |diff| on a log scale, with the thresholds and
+    the first divergent entry marked. Exact zeros are drawn at a floor below the smallest nonzero value."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,6 +123,9 @@ def write_plot(report: ParityReport, path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(max(8.0, 0.28 * len(names) + 3), 4.8), dpi=120)
     ax.plot(x, [clip(e.max_abs_diff) for e in report.per_layer], "o-", label="max |diff|")
     ax.plot(x, [clip(e.mean_abs_diff) for e in report.per_layer], "s--", ms=3, label="mean |diff|")
+    if any(e.local_max_abs_diff is not None for e in report.per_layer):
+        local = [clip(e.local_max_abs_diff if e.local_max_abs_diff is not None else math.nan) for e in report.per_layer]
+        ax.plot(x, local, "^:", ms=4, label="local max |diff| (reference's input)")
     ax.plot(x, [clip(e.threshold) for e in report.per_layer], ":", color="gray", label="threshold")
     if report.first_divergent_name is not None:
         i = names.index(report.first_divergent_name)
