@@ -24,6 +24,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .activations import ACTIVATIONS
 from .dtypes import DTYPES, dtype_name
 from .rope import ROPE_TYPES
@@ -36,6 +38,19 @@ _DTYPE_NAMES = (*DTYPES, "auto")
 
 MAX_CONFIG_BYTES = 16 * 2**20  # config.json / params.json; real ones are a few KB
 MAX_NESTING = 32  # levels of dicts and lists in one config value; Hub configs use 3 or 4
+
+# transformers' PretrainedConfig attributes that Hugging Face clients read (Trainer, PEFT, pipelines,
+# generate), answered with transformers' defaults when the config dict does not carry the key. With
+# the properties rope_scaling, torch_dtype, use_return_dict, name_or_path and get_text_config(),
+# this is the whole compatibility surface; nothing here changes the model.
+COMPAT_DEFAULTS: dict[str, Any] = {
+    "architectures": ["LlamaForCausalLM"],
+    "is_encoder_decoder": False,
+    "output_attentions": False,
+    "output_hidden_states": False,
+    "return_dict": True,
+    "torchscript": False,
+}
 
 
 # ---------------------------------------------------------------------------------- field specs
@@ -263,11 +278,43 @@ class LlamaConfig:
         self.validate()
 
     def __getattr__(self, name: str) -> Any:
-        """Unknown config keys, as attributes (only reached when no real attribute has the name)."""
+        """Unknown config keys, as attributes (only reached when no real attribute has the name);
+        then transformers' defaults for the COMPAT_DEFAULTS keys a config dict did not carry."""
         extra = self.__dict__.get("_extra", {})  # not self._extra: copy and pickle probe before __init__
-        if name.startswith("_") or name not in extra:
-            raise AttributeError(f"'LlamaConfig' object has no attribute {name!r}")
-        return extra[name]
+        if name in extra and not name.startswith("_"):
+            return extra[name]
+        if name in COMPAT_DEFAULTS:
+            return copy.deepcopy(COMPAT_DEFAULTS[name])
+        raise AttributeError(f"'LlamaConfig' object has no attribute {name!r}")
+
+    # ------------------------------------------------------------- transformers compatibility
+    # Read-only views that Hugging Face clients (Trainer, PEFT, pipelines) read off a config.
+    @property
+    def rope_scaling(self) -> dict[str, Any]:
+        """transformers 5's alias of rope_parameters."""
+        return self.rope_parameters
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        """``dtype`` as a torch dtype (transformers 4's name for it), None when unset or "auto"."""
+        return DTYPES.get(self.dtype)  # None for "auto" too
+
+    @property
+    def use_return_dict(self) -> bool:
+        return self.return_dict and not self.torchscript
+
+    @property
+    def name_or_path(self) -> str:
+        """What from_pretrained was given (saved as ``_name_or_path``, as transformers does); "" otherwise."""
+        return self._extra.get("_name_or_path", "")
+
+    @name_or_path.setter
+    def name_or_path(self, value: str | os.PathLike) -> None:
+        self._extra["_name_or_path"] = str(value)
+
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> LlamaConfig:
+        """transformers' accessor for a multimodal model's text part: a LLaMA config is its own."""
+        return self
 
     # ----------------------------------------------------------------------------------- validation
     def validate(self) -> None:

@@ -9,7 +9,6 @@ transformers state dict loads with no renaming. This module knows nothing of che
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,29 +22,8 @@ from .attention.masks import BackendMask, PreparedMask, mask_for_forward
 from .cache import DynamicCache, KVCache
 from .configuration import LlamaConfig
 from .generation import GenerationMixin
+from .outputs import CausalLMOutput, LlamaModelOutput
 from .rope import ROPE_TYPES, apply_rotary_pos_emb, compute_inv_freq
-
-
-@dataclass
-class LlamaModelOutput:
-    """last_hidden_state (B, T, C) after the final norm; hidden_states: embeddings then each layer's
-    output (the last one normed), when asked; attentions: (B, H, T, S) per layer, when asked."""
-
-    last_hidden_state: Tensor
-    past_key_values: KVCache | None = None
-    hidden_states: tuple[Tensor, ...] | None = None
-    attentions: tuple[Tensor, ...] | None = None
-
-
-@dataclass
-class CausalLMOutput:
-    """logits (B, T', V) for the kept positions; loss: mean next-token cross-entropy when labels given."""
-
-    logits: Tensor
-    loss: Tensor | None = None
-    past_key_values: KVCache | None = None
-    hidden_states: tuple[Tensor, ...] | None = None
-    attentions: tuple[Tensor, ...] | None = None
 
 
 class LlamaRMSNorm(nn.Module):
@@ -339,6 +317,10 @@ class LlamaPreTrainedModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
+    def _return_dict(self, return_dict: bool | None) -> bool:
+        """forward's return_dict resolved: None means the config's ``use_return_dict``."""
+        return self.config.use_return_dict if return_dict is None else return_dict
+
 
 class LlamaModel(LlamaPreTrainedModel):
     """The decoder stack without the head: token ids -> final hidden states (B, T, C)."""
@@ -364,10 +346,12 @@ class LlamaModel(LlamaPreTrainedModel):
         past_key_values: KVCache | None = None,
         inputs_embeds: Tensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         cache_position: Tensor | None = None,
-    ) -> LlamaModelOutput:
+        return_dict: bool | None = None,
+        token_type_ids: Tensor | None = None,
+    ) -> LlamaModelOutput | tuple:
         """input_ids (B, T) or inputs_embeds (B, T, C), exactly one.
 
         attention_mask: (B, S) 1 for real tokens, 0 for padding (left or right), S = cached + T; or
@@ -377,9 +361,14 @@ class LlamaModel(LlamaPreTrainedModel):
         past_key_values: a DynamicCache or StaticCache to read and extend; with ``use_cache`` and
             none given, a DynamicCache is created and returned.
         cache_position: (T,) slots of the cache the new tokens go to (default: after the cached ones).
+        output_hidden_states, output_attentions, return_dict: None means the config's default
+            (False, False, True); ``return_dict=False`` returns ``output.to_tuple()``.
+        token_type_ids: accepted and ignored, as transformers' Llama ignores it (tokenizers emit it).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         backend = self.attention_backend
         if output_attentions and not backend.returns_weights:
             raise ValueError(
@@ -412,12 +401,13 @@ class LlamaModel(LlamaPreTrainedModel):
         if output_hidden_states:
             all_hidden_states.append(hidden_states)  # as transformers: the last one is after the norm
 
-        return LlamaModelOutput(
+        output = LlamaModelOutput(
             last_hidden_state=hidden_states,
             past_key_values=past_key_values if use_cache or past_key_values is not None else None,
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
             attentions=tuple(all_attentions) if output_attentions else None,
         )
+        return output if self._return_dict(return_dict) else output.to_tuple()
 
     def _cache_for_forward(self, use_cache: bool | None, past_key_values: KVCache | None) -> tuple[bool, KVCache | None]:
         """use_cache resolved (config default; off when recomputing layers in training) and the
@@ -464,7 +454,6 @@ class LlamaModel(LlamaPreTrainedModel):
         return mask, position_ids, cache_position
 
 
-
 class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
     """LlamaModel plus the language-model head: token ids -> next-token logits (B, T, V).
 
@@ -499,14 +488,19 @@ class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         labels: Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | Tensor = 0,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         cache_position: Tensor | None = None,
-    ) -> CausalLMOutput:
+        return_dict: bool | None = None,
+        token_type_ids: Tensor | None = None,
+        num_items_in_batch: int | Tensor | None = None,
+    ) -> CausalLMOutput | tuple:
         """Arguments as LlamaModel.forward, plus:
 
         labels: (B, T) token ids; the loss is the mean cross-entropy of predicting labels[:, t + 1]
             from position t, positions labelled -100 ignored (shifted here, as transformers does).
+        num_items_in_batch: the Trainer's count of labelled tokens over all its micro-batches; given,
+            the loss is the sum of this batch's token losses divided by it (transformers' ForCausalLMLoss).
         logits_to_keep: int n -> logits for the last n positions only (0: all); a 1-D tensor of
             positions; a 2-D integer (B, K) tensor of positions per row.
         """
@@ -520,19 +514,21 @@ class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
             cache_position=cache_position,
+            return_dict=True,
         )
         hidden_states = _keep_positions(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states)  # (B, T', V)
         loss = None
         if labels is not None:
-            loss = causal_lm_loss(logits, labels)
-        return CausalLMOutput(
-            logits=logits,
+            loss = causal_lm_loss(logits, labels, num_items_in_batch=num_items_in_batch)
+        output = CausalLMOutput(
             loss=loss,
+            logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+        return output if self._return_dict(return_dict) else output.to_tuple()
 
 
 def _check_attention_mask(attention_mask: Tensor | PreparedMask | None, backend: AttentionBackend) -> PreparedMask | None:
@@ -564,12 +560,21 @@ def _keep_positions(hidden_states: Tensor, logits_to_keep: int | Tensor) -> Tens
     return hidden_states[:, logits_to_keep, :]
 
 
-def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """Mean cross-entropy of logits (B, T, V) at t against labels (B, T) at t + 1, in float32."""
+def causal_lm_loss(
+    logits: Tensor, labels: Tensor, ignore_index: int = -100, num_items_in_batch: int | Tensor | None = None
+) -> Tensor:
+    """Cross-entropy of logits (B, T, V) at t against labels (B, T) at t + 1, in float32: the mean
+    over labelled tokens, or with ``num_items_in_batch`` their sum divided by it (as transformers)."""
     logits = logits.float()  # parity: the loss in float32 whatever the model dtype
     labels = F.pad(labels, (0, 1), value=ignore_index)
     shift_labels = labels[..., 1:].contiguous().view(-1).to(logits.device)  # (B * T,)
-    return F.cross_entropy(logits.view(-1, logits.shape[-1]), shift_labels, ignore_index=ignore_index)
+    flat_logits = logits.view(-1, logits.shape[-1])  # (B * T, V)
+    if num_items_in_batch is None:
+        return F.cross_entropy(flat_logits, shift_labels, ignore_index=ignore_index)
+    loss = F.cross_entropy(flat_logits, shift_labels, ignore_index=ignore_index, reduction="sum")
+    if isinstance(num_items_in_batch, Tensor):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch
 
 
 __all__ = [

@@ -19,7 +19,7 @@ PACKAGE = Path(llama_port.__file__).parent
 # The README's layers, lowest first: a module imports (at import time) only from its own layer or
 # the ones below it. Within a layer the acyclicity test keeps imports one-way.
 LAYERS = [
-    ["llama_port.dtypes", "llama_port.activations", "llama_port.rope"],
+    ["llama_port.dtypes", "llama_port.activations", "llama_port.rope", "llama_port.outputs"],
     ["llama_port.configuration"],
     ["llama_port.cache", "llama_port.attention"],
     ["llama_port.generation"],
