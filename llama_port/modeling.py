@@ -197,11 +197,14 @@ class LlamaPreTrainedModel(nn.Module):
     (imported when called: the model itself knows no file format)."""
 
     config: LlamaConfig
+    # transformers' class attributes that its clients read.
+    main_input_name = "input_ids"
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: LlamaConfig, attn_implementation: str | None = None) -> None:
         super().__init__()
-        if not isinstance(config, LlamaConfig):
-            raise TypeError(f"config must be a llama_port.LlamaConfig, got {type(config).__name__}")
+        config = _as_llama_config(config)
         self.config = config
         if attn_implementation is None:
             # Chosen from where the parameters are about to be created (torch's default device/dtype).
@@ -227,6 +230,118 @@ class LlamaPreTrainedModel(nn.Module):
         from .checkpoints.saving import save_pretrained
 
         return save_pretrained(self, save_directory, max_shard_size=max_shard_size, safe_serialization=safe_serialization)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str = "Upload model",
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str = "5GB",
+        safe_serialization: bool = True,
+    ) -> str:
+        """save_pretrained into a temporary folder, then upload it to the Hub repo ``repo_id``
+        (created if missing) with huggingface_hub; returns the commit's URL. Offline: a one-line
+        ConnectionError naming the repo."""
+        from .checkpoints.saving import push_to_hub
+
+        return push_to_hub(
+            self, repo_id, commit_message=commit_message, private=private, token=token, revision=revision,
+            create_pr=create_pr, max_shard_size=max_shard_size, safe_serialization=safe_serialization,
+        )
+
+    @property
+    def name_or_path(self) -> str:
+        """What from_pretrained was given ("" for a model built from a config), as transformers keeps it."""
+        return self.config.name_or_path
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        """Whether ``generate()`` is available: True for LlamaForCausalLM."""
+        return issubclass(cls, GenerationMixin)
+
+    # ---------------------------------------------------------------------------------- submodules
+    @property
+    def base_model(self) -> LlamaModel:
+        """The decoder stack (transformers' ``base_model_prefix`` attribute, or the model itself)."""
+        return getattr(self, self.base_model_prefix, self)
+
+    def get_decoder(self) -> LlamaModel:
+        return self.base_model
+
+    def set_decoder(self, decoder: LlamaModel) -> None:
+        if self.base_model is self:
+            raise ValueError("set_decoder: a LlamaModel is the decoder itself; call it on a LlamaForCausalLM")
+        setattr(self, self.base_model_prefix, decoder)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.base_model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.base_model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear | None:
+        """The language-model head; None on the bare LlamaModel."""
+        return None
+
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
+    ) -> nn.Embedding:
+        """Give the vocabulary ``new_num_tokens`` rows (rounded up to a multiple of
+        ``pad_to_multiple_of``), as transformers does: the kept rows unchanged, rows past the end
+        dropped, added rows of the embedding and the head drawn from a normal around the old rows'
+        mean with 1e-9 times their covariance (``mean_resizing``) or from the config's init
+        (normal(0, initializer_range)), drawing from torch's RNG in transformers' order. Updates
+        ``config.vocab_size`` and keeps the tie. Returns the input embedding; with neither argument,
+        changes nothing."""
+        embeddings = self.get_input_embeddings()
+        if new_num_tokens is None and pad_to_multiple_of is None:
+            return embeddings
+        if pad_to_multiple_of is not None:
+            if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
+                raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of!r}; expected a positive int or None")
+            new_num_tokens = embeddings.num_embeddings if new_num_tokens is None else new_num_tokens
+            new_num_tokens = -(-new_num_tokens // pad_to_multiple_of) * pad_to_multiple_of
+        if not isinstance(new_num_tokens, int) or new_num_tokens < 1:
+            raise ValueError(f"new_num_tokens={new_num_tokens!r}; expected a positive int or None")
+
+        weight = embeddings.weight
+        if weight.shape[0] != new_num_tokens:
+            resized = nn.Embedding(new_num_tokens, weight.shape[1], device=weight.device, dtype=weight.dtype)
+            self._fill_resized(weight, resized, mean_resizing)
+            # In place, as transformers: the module (its padding_idx, its hooks) and a tied head stay.
+            weight.data = resized.weight.data
+            if embeddings.padding_idx is not None and embeddings.padding_idx >= new_num_tokens:
+                embeddings.padding_idx = None
+        embeddings.num_embeddings = new_num_tokens
+        head = self.get_output_embeddings()
+        if head is not None and head.weight.shape[0] != new_num_tokens:
+            resized_head = nn.Linear(head.in_features, new_num_tokens, bias=False, device=head.weight.device,
+                                     dtype=head.weight.dtype)
+            self._fill_resized(head.weight, resized_head, mean_resizing)
+            resized_head.requires_grad_(head.weight.requires_grad)
+            self.set_output_embeddings(resized_head)
+        elif head is not None:
+            head.out_features = new_num_tokens  # a tied head was resized with the embedding
+        self.config.vocab_size = new_num_tokens
+        self.vocab_size = new_num_tokens
+        self.base_model.vocab_size = new_num_tokens
+        self.tie_weights()
+        return embeddings
+
+    @torch.no_grad()
+    def _fill_resized(self, old: Tensor, new: nn.Embedding | nn.Linear, mean_resizing: bool) -> None:
+        """``new``'s weight (N', C): the first min(N, N') rows of ``old`` (N, C); added rows as
+        transformers' _init_added_embeddings_weights_with_mean or _init_weights."""
+        old_rows, new_rows = old.shape[0], new.weight.shape[0]
+        if new_rows > old_rows and mean_resizing:
+            new.weight[old_rows:] = _rows_around_the_mean(old, new_rows - old_rows)
+        elif new_rows > old_rows:
+            self._init_weights(new)
+        kept = min(old_rows, new_rows)
+        new.weight[:kept] = old[:kept]
 
     # -------------------------------------------------------------------------- attention backend
     @property
@@ -283,11 +398,19 @@ class LlamaPreTrainedModel(nn.Module):
         """Nothing to tie in the bare model; LlamaForCausalLM ties lm_head to the embedding."""
 
     # ------------------------------------------------------------------------------------ training
-    def gradient_checkpointing_enable(self) -> None:
-        """Recompute each decoder layer's activations in the backward pass instead of storing them."""
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each decoder layer's activations in the backward pass instead of storing them.
+
+        gradient_checkpointing_kwargs: passed to torch.utils.checkpoint.checkpoint (e.g.
+        ``{"use_reentrant": True}``); default ``{"use_reentrant": False}``, as transformers. As
+        transformers, the input embeddings' output then requires grad (enable_input_require_grads),
+        so a frozen model with adapters still gets gradients through the recomputed layers."""
+        kwargs = {"use_reentrant": False} if gradient_checkpointing_kwargs is None else dict(gradient_checkpointing_kwargs)
         for module in self.modules():
             if isinstance(module, LlamaModel):
                 module.gradient_checkpointing = True
+                module.gradient_checkpointing_kwargs = kwargs
+        self.enable_input_require_grads()
 
     def gradient_checkpointing_disable(self) -> None:
         for module in self.modules():
@@ -298,7 +421,26 @@ class LlamaPreTrainedModel(nn.Module):
     def is_gradient_checkpointing(self) -> bool:
         return any(m.gradient_checkpointing for m in self.modules() if isinstance(m, LlamaModel))
 
+    def enable_input_require_grads(self) -> None:
+        """Make the input embeddings' output require grad (a forward hook), so gradients reach
+        adapters or checkpointed layers when the embedding itself is frozen."""
+        self.disable_input_require_grads()
+        self._require_grads_hook = self.get_input_embeddings().register_forward_hook(_output_requires_grad)
+
+    def disable_input_require_grads(self) -> None:
+        """Remove enable_input_require_grads' hook (nothing to do if there is none)."""
+        hook = self.__dict__.pop("_require_grads_hook", None)
+        if hook is not None:
+            hook.remove()
+
     # --------------------------------------------------------------------------------------- sizes
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        """Bytes held by the parameters (a tied tensor once), plus the buffers with ``return_buffers``."""
+        size = sum(p.nelement() * p.element_size() for p in self.parameters())
+        if return_buffers:
+            size += sum(b.nelement() * b.element_size() for b in self.buffers())
+        return size
+
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
         """Parameter count, each shared (tied) tensor counted once."""
         excluded = set()
@@ -334,6 +476,7 @@ class LlamaModel(LlamaPreTrainedModel):
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config)
         self.gradient_checkpointing = False
+        self.gradient_checkpointing_kwargs: dict = {"use_reentrant": False}
         if type(self) is LlamaModel:
             self.init_weights()
             self._check_backend_available()
@@ -391,7 +534,8 @@ class LlamaModel(LlamaPreTrainedModel):
                 all_hidden_states.append(hidden_states)
             if self.gradient_checkpointing and self.training:
                 hidden_states, attn_weights = checkpoint(
-                    layer, hidden_states, cos, sin, mask, past_key_values, cache_position, use_reentrant=False
+                    layer, hidden_states, cos, sin, mask, past_key_values, cache_position,
+                    **self.gradient_checkpointing_kwargs,
                 )
             else:
                 hidden_states, attn_weights = layer(hidden_states, cos, sin, mask, past_key_values, cache_position)
@@ -472,11 +616,11 @@ class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
 
     def forward(
         self,
@@ -529,6 +673,37 @@ class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
         )
         return output if self._return_dict(return_dict) else output.to_tuple()
+
+
+def _as_llama_config(config: object) -> LlamaConfig:
+    """Ours as is; a transformers LlamaConfig (anything with ``model_type == "llama"`` and to_dict())
+    converted through its dict; anything else refused."""
+    if isinstance(config, LlamaConfig):
+        return config
+    if getattr(config, "model_type", None) == "llama" and callable(getattr(config, "to_dict", None)):
+        return LlamaConfig.from_dict(config.to_dict())
+    raise TypeError(
+        f"config must be a llama_port.LlamaConfig or a transformers LlamaConfig, got {type(config).__name__}"
+    )
+
+
+def _output_requires_grad(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+    output.requires_grad_(True)
+
+
+def _rows_around_the_mean(old: Tensor, count: int) -> Tensor:
+    """``count`` rows (count, C) drawn as transformers' _init_added_embeddings_weights_with_mean:
+    from a normal with the mean of ``old`` (N, C) and 1e-9 times its covariance, or the mean itself
+    when that covariance is not positive definite; in old's dtype."""
+    old32 = old.float()
+    mean = old32.mean(dim=0)  # (C,)
+    centered = old32 - mean
+    covariance = 1e-9 * (centered.T @ centered / old.shape[0])  # (C, C)
+    if torch.distributions.constraints.positive_definite.check(covariance).all():
+        sample = torch.distributions.MultivariateNormal(mean, covariance_matrix=covariance).sample((count,))
+    else:
+        sample = mean[None, :].repeat(count, 1)
+    return sample.to(old.dtype)
 
 
 def _check_attention_mask(attention_mask: Tensor | PreparedMask | None, backend: AttentionBackend) -> PreparedMask | None:

@@ -1,16 +1,20 @@
 """The model surface Hugging Face clients use, checked against transformers' model on the same inputs:
 ModelOutput semantics (attribute, key and integer access, None fields skipped), forward's client
-arguments (return_dict, token_type_ids, num_items_in_batch, config defaults)."""
+arguments (return_dict, token_type_ids, num_items_in_batch, config defaults), the model methods
+(submodules, resize_token_embeddings draw for draw, input grads, gradient checkpointing kwargs,
+memory footprint, push_to_hub)."""
 
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import IDS, make_tiny_pair, report_max_diff
+from test_checkpoints_resolve import unreachable_hub  # noqa: F401 - the shared no-network fixture
 
-from llama_port import CausalLMOutput, LlamaModelOutput, modeling
+from llama_port import CausalLMOutput, LlamaModel, LlamaModelOutput, modeling
 
 MASK = torch.ones_like(IDS)
 MASK[1, :3] = 0  # left padding in row 1
@@ -125,3 +129,116 @@ def test_loss_with_num_items_in_batch_matches_transformers(pair, count):
     assert diff <= 1e-6
     labelled = int((labels[:, 1:] != -100).sum())
     torch.testing.assert_close(loss, mean * labelled / int(count), atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------- model methods
+def test_class_attributes_and_submodules(pair):
+    ours, _ = pair
+    assert ours.can_generate() and not LlamaModel.can_generate()
+    assert ours.main_input_name == "input_ids"
+    assert ours.base_model is ours.get_decoder() is ours.model and ours.model.base_model is ours.model
+    assert ours.get_input_embeddings() is ours.model.embed_tokens and ours.get_output_embeddings() is ours.lm_head
+    assert ours.model.get_output_embeddings() is None and ours.name_or_path == ""
+    with pytest.raises(ValueError, match="set_decoder"):
+        ours.model.set_decoder(ours.model)
+
+
+def test_setters_replace_the_modules():
+    ours, _ = make_tiny_pair("eager")
+    decoder, embedding, head = ours.model, torch.nn.Embedding(128, 64), torch.nn.Linear(64, 128, bias=False)
+    ours.set_input_embeddings(embedding)
+    ours.set_output_embeddings(head)
+    assert ours.model.embed_tokens is embedding and ours.lm_head is head
+    ours.set_decoder(decoder)
+    assert ours.model is decoder
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("mean_resizing", [True, False], ids=["mean", "init"])
+def test_resize_token_embeddings_matches_transformers_draw_for_draw(tied, mean_resizing):
+    """Same shapes, the old rows kept, config.vocab_size updated, the tie kept, and, with the same
+    seed, the same new rows: our draws from torch's RNG are transformers' draws, in its order."""
+    ours, hf = make_tiny_pair("eager", tie_word_embeddings=tied)
+    old = ours.model.embed_tokens.weight.detach().clone()
+    torch.manual_seed(5)
+    returned = ours.resize_token_embeddings(133, pad_to_multiple_of=8, mean_resizing=mean_resizing)
+    torch.manual_seed(5)
+    hf.resize_token_embeddings(133, pad_to_multiple_of=8, mean_resizing=mean_resizing)
+    assert returned is ours.model.embed_tokens and ours.config.vocab_size == hf.config.vocab_size == 136
+    assert returned.num_embeddings == ours.lm_head.out_features == 136
+    assert torch.equal(returned.weight[:128], old)
+    assert (ours.lm_head.weight is returned.weight) == tied
+    for name, tensor in hf.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], tensor), name
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS).logits, hf(IDS).logits, atol=1e-5, rtol=0)
+
+
+def test_resize_token_embeddings_shrinks_and_refuses_bad_sizes():
+    ours, _ = make_tiny_pair("eager")
+    old_head = ours.lm_head.weight.detach().clone()
+    ours.resize_token_embeddings(100)
+    assert ours.lm_head.weight.shape == (100, 64) and torch.equal(ours.lm_head.weight, old_head[:100])
+    assert ours.resize_token_embeddings() is ours.model.embed_tokens and ours.config.vocab_size == 100
+    with pytest.raises(ValueError, match="pad_to_multiple_of=0; expected a positive int"):
+        ours.resize_token_embeddings(100, pad_to_multiple_of=0)
+    with pytest.raises(ValueError, match="new_num_tokens=-1; expected a positive int"):
+        ours.resize_token_embeddings(-1)
+
+
+def test_input_require_grads_and_gradient_checkpointing_kwargs(pair):
+    ours, _ = make_tiny_pair("eager")
+    ours.requires_grad_(False)
+    ours.enable_input_require_grads()
+    assert ours.get_input_embeddings()(IDS).requires_grad
+    ours.disable_input_require_grads()
+    assert not ours.get_input_embeddings()(IDS).requires_grad
+
+    ours.requires_grad_(True)
+    ours.train()
+    reference = ours(IDS, labels=IDS).loss
+    reference.backward()
+    expected = {name: p.grad.clone() for name, p in ours.named_parameters()}
+    for use_reentrant in (True, False):
+        ours.zero_grad()
+        ours.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        assert ours.model.gradient_checkpointing_kwargs == {"use_reentrant": use_reentrant}
+        loss = ours(IDS, labels=IDS).loss
+        loss.backward()
+        assert torch.equal(loss, reference)
+        for name, p in ours.named_parameters():
+            torch.testing.assert_close(p.grad, expected[name], atol=1e-6, rtol=1e-5)
+    ours.gradient_checkpointing_disable()
+    assert not ours.is_gradient_checkpointing
+
+
+def test_memory_footprint_matches_transformers(pair):
+    ours, hf = pair
+    assert ours.get_memory_footprint(return_buffers=False) == hf.get_memory_footprint(return_buffers=False)
+    buffers = sum(b.nelement() * b.element_size() for b in ours.buffers())
+    assert ours.get_memory_footprint() == ours.get_memory_footprint(return_buffers=False) + buffers
+
+
+def test_push_to_hub_offline_is_one_clear_line(pair, unreachable_hub, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    ours, _ = pair
+    with pytest.raises(ConnectionError, match=r"^push_to_hub\('org/tiny'\): the Hub is unreachable, nothing was "
+                       r"uploaded \([^\n]*\)$"):
+        ours.push_to_hub("org/tiny", token="hf_not_a_real_token")
+
+
+def test_push_to_hub_uploads_what_save_pretrained_writes(pair, monkeypatch):
+    import huggingface_hub
+
+    uploads = []
+
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        uploads.append((repo_id, sorted(p.name for p in Path(folder_path).iterdir()), kwargs))
+        return "https://huggingface.co/org/tiny/commit/abc"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kwargs: repo_id)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    ours, _ = pair
+    assert ours.push_to_hub("org/tiny", commit_message="m") == "https://huggingface.co/org/tiny/commit/abc"
+    (repo_id, files, kwargs), = uploads
+    assert repo_id == "org/tiny" and files == ["config.json", "model.safetensors"] and kwargs["commit_message"] == "m"

@@ -16,6 +16,8 @@ transformers does; ``convert_checkpoint`` refuses a non-empty destination unless
 then replaces all of it, and never writes or deletes a source file, symlinks resolved. Neither
 writes a floating dtype the loader refuses (``dtypes.DTYPES``): a float8 source converts with
 ``dtype="bfloat16"``.
+
+``push_to_hub``: save_pretrained into a temporary folder, then huggingface_hub's upload_folder.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -34,9 +37,21 @@ from ..configuration import CONFIG_NAME
 from ..dtypes import DTYPES, dtype_name, parse_dtype
 from ..modeling import LlamaForCausalLM
 from .atomic import replace_folder
-from .hub import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
-from .loading import build_meta_model, iter_parameter_tensors, resolve_missing, settle_tied_head, tied_aliases
-from .resolve import HubOptions, open_checkpoint
+from .errors import first_line
+from .hub import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+)
+from .loading import (
+    build_meta_model,
+    iter_parameter_tensors,
+    resolve_missing,
+    settle_tied_head,
+    tied_aliases,
+)
+from .resolve import HubOptions, is_connection_error, open_checkpoint
 from .source import CheckpointSource
 
 SAFETENSORS_METADATA = {"format": "pt"}
@@ -117,6 +132,34 @@ def save_pretrained(
             _write_index(index, staging / index_name)
         config.save_pretrained(staging)
     return directory
+
+
+def push_to_hub(
+    model: nn.Module, repo_id: str, *, commit_message: str = "Upload model", private: bool | None = None,
+    token: str | None = None, revision: str | None = None, create_pr: bool = False,
+    max_shard_size: int | str = "5GB", safe_serialization: bool = True,
+) -> str:
+    """Upload ``model`` as save_pretrained writes it to the Hub repo ``repo_id`` (created if it does
+    not exist); returns the commit's URL. ConnectionError, one line naming the repo, when the Hub
+    cannot be reached; the Hub's own errors (auth, permissions) pass through."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="llama_port_push_") as folder:
+        save_pretrained(model, folder, max_shard_size=max_shard_size, safe_serialization=safe_serialization)
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            commit = api.upload_folder(
+                repo_id=repo_id, folder_path=folder, commit_message=commit_message, revision=revision,
+                create_pr=create_pr,
+            )
+        except Exception as err:  # only the network's errors are translated
+            if not is_connection_error(err):
+                raise
+            raise ConnectionError(
+                f"push_to_hub({repo_id!r}): the Hub is unreachable, nothing was uploaded ({first_line(err)})"
+            ) from err
+    return str(commit)
 
 
 def _check_loadable(name: str, dtype: torch.dtype, where: Path, fix: str) -> None:
