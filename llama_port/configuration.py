@@ -444,6 +444,18 @@ class LlamaConfig:
         return f"LlamaConfig {self.to_json_string()}"
 
 
+def as_llama_config(config: object) -> LlamaConfig:
+    """Ours as is; a transformers LlamaConfig (anything with ``model_type == "llama"`` and to_dict())
+    converted through its dict; TypeError for anything else."""
+    if isinstance(config, LlamaConfig):
+        return config
+    if getattr(config, "model_type", None) == "llama" and callable(getattr(config, "to_dict", None)):
+        return LlamaConfig.from_dict(config.to_dict())
+    raise TypeError(
+        f"config must be a llama_port.LlamaConfig or a transformers LlamaConfig, got {type(config).__name__}"
+    )
+
+
 def available_presets() -> list[str]:
     """Names accepted by ``LlamaConfig.from_preset``."""
     folder = resources.files("llama_port.configs")

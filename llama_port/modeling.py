@@ -20,7 +20,7 @@ from .activations import ACTIVATIONS
 from .attention import AttentionBackend, default_attn_implementation, get_backend
 from .attention.masks import BackendMask, PreparedMask, mask_for_forward
 from .cache import DynamicCache, KVCache
-from .configuration import LlamaConfig
+from .configuration import LlamaConfig, as_llama_config
 from .generation import GenerationMixin
 from .outputs import CausalLMOutput, LlamaModelOutput
 from .rope import ROPE_TYPES, apply_rotary_pos_emb, compute_inv_freq
@@ -204,7 +204,7 @@ class LlamaPreTrainedModel(nn.Module):
 
     def __init__(self, config: LlamaConfig, attn_implementation: str | None = None) -> None:
         super().__init__()
-        config = _as_llama_config(config)
+        config = as_llama_config(config)
         self.config = config
         if attn_implementation is None:
             # Chosen from where the parameters are about to be created (torch's default device/dtype).
@@ -217,7 +217,8 @@ class LlamaPreTrainedModel(nn.Module):
     def from_pretrained(cls, name_or_path: str | os.PathLike, **options):
         """Load a checkpoint (a local folder or file in any supported format, or a Hub repo id) into
         this class; eval mode. ``options`` are llama_port.checkpoints.load_pretrained's (dtype,
-        device, device_map, attn_implementation, strict, revision, ...), documented there."""
+        device, device_map, attn_implementation, strict, revision, config, gguf_file, and
+        transformers' low_cpu_mem_usage / trust_remote_code, accepted and ignored), documented there."""
         from .checkpoints.loading import load_pretrained
 
         return load_pretrained(cls, name_or_path, **options)
@@ -673,18 +674,6 @@ class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
         )
         return output if self._return_dict(return_dict) else output.to_tuple()
-
-
-def _as_llama_config(config: object) -> LlamaConfig:
-    """Ours as is; a transformers LlamaConfig (anything with ``model_type == "llama"`` and to_dict())
-    converted through its dict; anything else refused."""
-    if isinstance(config, LlamaConfig):
-        return config
-    if getattr(config, "model_type", None) == "llama" and callable(getattr(config, "to_dict", None)):
-        return LlamaConfig.from_dict(config.to_dict())
-    raise TypeError(
-        f"config must be a llama_port.LlamaConfig or a transformers LlamaConfig, got {type(config).__name__}"
-    )
 
 
 def _output_requires_grad(module: nn.Module, inputs: tuple, output: Tensor) -> None:

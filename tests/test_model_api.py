@@ -2,7 +2,8 @@
 ModelOutput semantics (attribute, key and integer access, None fields skipped), forward's client
 arguments (return_dict, token_type_ids, num_items_in_batch, config defaults), the model methods
 (submodules, resize_token_embeddings draw for draw, input grads, gradient checkpointing kwargs,
-memory footprint, push_to_hub)."""
+memory footprint, push_to_hub), from_pretrained's transformers arguments and the config's
+compatibility attributes."""
 
 from __future__ import annotations
 
@@ -11,10 +12,26 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import IDS, make_tiny_pair, report_max_diff
+from conftest import (
+    ATOL,
+    IDS,
+    make_tiny_pair,
+    max_diff,
+    report_max_diff,
+    tiny_config_dict,
+    write_gguf,
+)
 from test_checkpoints_resolve import unreachable_hub  # noqa: F401 - the shared no-network fixture
 
-from llama_port import CausalLMOutput, LlamaModel, LlamaModelOutput, modeling
+from llama_port import (
+    CausalLMOutput,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaModel,
+    LlamaModelOutput,
+    modeling,
+)
+from llama_port.checkpoints.errors import ShapeMismatchError
 
 MASK = torch.ones_like(IDS)
 MASK[1, :3] = 0  # left padding in row 1
@@ -242,3 +259,50 @@ def test_push_to_hub_uploads_what_save_pretrained_writes(pair, monkeypatch):
     assert ours.push_to_hub("org/tiny", commit_message="m") == "https://huggingface.co/org/tiny/commit/abc"
     (repo_id, files, kwargs), = uploads
     assert repo_id == "org/tiny" and files == ["config.json", "model.safetensors"] and kwargs["commit_message"] == "m"
+
+
+# ------------------------------------------------------------------------- from_pretrained, config
+def test_model_accepts_a_transformers_config(pair):
+    _, hf = pair
+    built = LlamaForCausalLM(hf.config, attn_implementation="eager")
+    assert isinstance(built.config, LlamaConfig) and built.config.to_dict()["vocab_size"] == hf.config.vocab_size
+    with pytest.raises(TypeError, match="config must be a llama_port.LlamaConfig or a transformers LlamaConfig"):
+        LlamaForCausalLM({"vocab_size": 128})
+
+
+def test_from_pretrained_accepts_transformers_arguments(layouts, hf_model):
+    folder = layouts["single"]
+    ours = LlamaForCausalLM.from_pretrained(
+        folder, attn_implementation="eager", low_cpu_mem_usage=True, trust_remote_code=True, config=hf_model.config
+    )
+    assert max_diff("from_pretrained(config=transformers')", ours, hf_model) <= ATOL
+    assert ours.name_or_path == ours.config.name_or_path == str(folder)
+    assert ours.config.to_dict()["_name_or_path"] == str(folder)
+    with pytest.raises(ValueError, match=r"^quantization_config=dict: llama_port does not quantize"):
+        LlamaForCausalLM.from_pretrained(folder, quantization_config={"load_in_4bit": True})
+
+
+def test_from_pretrained_config_must_fit_the_weights(layouts):
+    smaller = LlamaConfig.from_dict(tiny_config_dict(hidden_size=32))
+    with pytest.raises(ShapeMismatchError):
+        LlamaForCausalLM.from_pretrained(layouts["single"], config=smaller)
+
+
+def test_gguf_file_names_a_file_in_a_folder(tmp_path, hf_model):
+    write_gguf(tmp_path / "tiny-f32.gguf", hf_model)
+    ours = LlamaForCausalLM.from_pretrained(tmp_path, gguf_file="tiny-f32.gguf", attn_implementation="eager")
+    assert max_diff("gguf_file=", ours, hf_model) <= ATOL
+    with pytest.raises(ValueError, match=r"gguf_file='tiny-f32.gguf' names a file in a local folder, but 'org/x'"):
+        LlamaForCausalLM.from_pretrained("org/x", gguf_file="tiny-f32.gguf")
+
+
+def test_config_answers_transformers_compatibility_attributes(pair):
+    ours, hf = pair
+    preset = LlamaConfig(vocab_size=128, hidden_size=64, num_attention_heads=4, num_hidden_layers=1, dtype="bfloat16")
+    for config in (ours.config, preset):
+        assert config.is_encoder_decoder is False and config.use_return_dict is True
+        assert config.output_hidden_states is False and config.output_attentions is False
+        assert config.get_text_config() is config
+    assert preset.architectures == ["LlamaForCausalLM"] and ours.config.architectures == hf.config.architectures
+    assert ours.config.rope_scaling == hf.config.rope_parameters and preset.torch_dtype is torch.bfloat16
+    assert preset.name_or_path == "" and LlamaConfig().torch_dtype is None

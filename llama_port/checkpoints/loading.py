@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ..attention import default_attn_implementation, get_backend
+from ..configuration import as_llama_config
 from ..dtypes import DTYPES, STORED_DTYPES, dtype_name, parse_dtype
 from ..modeling import LlamaRotaryEmbedding
 from .errors import (
@@ -68,6 +69,11 @@ def load_pretrained(
     token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
+    config: Any = None,
+    gguf_file: str | os.PathLike | None = None,
+    quantization_config: Any = None,
+    low_cpu_mem_usage: bool | None = None,
+    trust_remote_code: bool | None = None,
 ):
     """Load a checkpoint: a local folder or file (Hub format, Meta consolidated.*.pth, .gguf) or a Hub repo id.
 
@@ -80,9 +86,23 @@ def load_pretrained(
         would and warns about both.
     progress: a bar over the checkpoint's groups; None shows it on a terminal only.
     revision, token, cache_dir, local_files_only: for a Hub repo id (HF_HUB_OFFLINE is honoured).
+    config: a llama_port or transformers LlamaConfig used instead of the checkpoint's (the weights
+        must fit it).
+    gguf_file: transformers' way of naming a GGUF file inside the local folder ``name_or_path``
+        (loading ``folder/gguf_file``); GGUF files on the Hub are not fetched.
+    quantization_config: refused (ValueError): llama_port computes in float32 / bfloat16 / float16.
+    low_cpu_mem_usage: accepted and ignored: loading is always lean (weights are built on the meta
+        device and filled one group at a time). trust_remote_code: accepted and ignored: no
+        checkpoint code is ever run.
 
-    Returns the model in eval mode. Raises the errors of llama_port.checkpoints.errors.
+    Returns the model in eval mode, its ``name_or_path`` set to what was passed. Raises the errors
+    of llama_port.checkpoints.errors.
     """
+    if quantization_config is not None:
+        raise ValueError(
+            f"quantization_config={type(quantization_config).__name__}: llama_port does not quantize; "
+            f"load with dtype= one of {sorted(DTYPES)}"
+        )
     requested_dtype = parse_dtype(dtype, torch_dtype)
     if device is not None and device_map is not None:
         raise ValueError(f"pass device= or device_map=, not both (got device={device!r}, device_map={device_map!r})")
@@ -92,7 +112,7 @@ def load_pretrained(
         source = name_or_path
     else:
         hub = HubOptions(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
-        source = open_checkpoint(name_or_path, hub)
+        source = open_checkpoint(_gguf_in_folder(name_or_path, gguf_file), hub)
     target_dtype = requested_dtype or source.dtype
     if target_dtype not in DTYPES.values():
         raise UnsupportedCheckpointError(
@@ -103,7 +123,7 @@ def load_pretrained(
     # A backend that checks the device it runs on (flash) is selected once the weights are on it:
     # on the meta device its check could only fail.
     build_attn = attn_implementation if backend is None or backend.check_available is None else None
-    model = build_meta_model(cls, source.config, target_dtype, build_attn)
+    model = build_meta_model(cls, source.config if config is None else as_llama_config(config), target_dtype, build_attn)
     placement = plan_placement(model, target_dtype, device, device_map, max_memory, offload_folder)
 
     params = dict(model.named_parameters())  # the meta parameters, each shared one once
@@ -129,8 +149,21 @@ def load_pretrained(
         if chosen != model.attn_implementation:
             model.set_attn_implementation(chosen)
     model.config.dtype = dtype_name(target_dtype)
+    model.config.name_or_path = source.location if isinstance(name_or_path, CheckpointSource) else name_or_path
     return model.eval()
 
+
+def _gguf_in_folder(name_or_path: str | os.PathLike, gguf_file: str | os.PathLike | None) -> str | os.PathLike:
+    """``name_or_path``, or with ``gguf_file`` the file of that name in the local folder ``name_or_path``."""
+    if gguf_file is None:
+        return name_or_path
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir():
+        raise ValueError(
+            f"gguf_file={str(gguf_file)!r} names a file in a local folder, but {str(name_or_path)!r} is not one; "
+            "pass the .gguf file's path as name_or_path instead (GGUF files on the Hub are not fetched)"
+        )
+    return folder / gguf_file
 
 def build_meta_model(cls: type, config: Any, dtype: torch.dtype, attn_implementation: str | None) -> nn.Module:
     """``cls(config)`` with every parameter on the meta device (shapes and names, no storage, no
