@@ -93,6 +93,21 @@ def test_varlen_key_padding():
     assert varlen.key_padding_mask.tolist() == [[True, True, True, False, False, False]] * 2
 
 
+def test_traced_masks_skip_the_value_shortcuts(monkeypatch):
+    """Under torch.compile / torch.export no shortcut reads a tensor's values: the full mask, the
+    same attention pattern as eager's shortcut; shape-only shortcuts (no padding mask) stay."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    ones = torch.ones(2, 6, dtype=torch.long)
+    assert torch.equal(build("bool", ones, 6, 6), expected_allowed(ones, 6, 0))
+    static = torch.tensor([[1, 1, 1, 0, 0, 0]])
+    assert torch.equal(build("bool", static, 3, 6, has_cache=True, static_cache=True), expected_allowed(static, 3, 0))
+    assert build("bool", None, 6, 6, batch_size=2, has_cache=True) is None
+    assert find_packed_documents(torch.arange(6)[None]).tolist() == [[0] * 6]
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    assert torch.equal(build("bool", None, 6, 6, batch_size=1, position_ids=torch.arange(6)[None])[0, 0], causal)
+    assert torch.equal(build("varlen", ones, 6, 6).key_padding_mask, ones.bool())
+
+
 def test_unknown_format_is_refused():
     with pytest.raises(ValueError, match=r"mask_format='nope'; expected one of \['additive', 'bool', 'varlen'\]"):
         build("nope", LEFT_PADDED, 5, 5)

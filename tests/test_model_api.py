@@ -2,8 +2,8 @@
 ModelOutput semantics (attribute, key and integer access, None fields skipped), forward's client
 arguments (return_dict, token_type_ids, num_items_in_batch, config defaults), the model methods
 (submodules, resize_token_embeddings draw for draw, input grads, gradient checkpointing kwargs,
-memory footprint, push_to_hub), from_pretrained's transformers arguments and the config's
-compatibility attributes."""
+memory footprint, push_to_hub), from_pretrained's transformers arguments, the config's
+compatibility attributes, and torch.export / torch.compile(fullgraph=True) of the forward."""
 
 from __future__ import annotations
 
@@ -306,3 +306,57 @@ def test_config_answers_transformers_compatibility_attributes(pair):
     assert preset.architectures == ["LlamaForCausalLM"] and ours.config.architectures == hf.config.architectures
     assert ours.config.rope_scaling == hf.config.rope_parameters and preset.torch_dtype is torch.bfloat16
     assert preset.name_or_path == "" and LlamaConfig().torch_dtype is None
+
+
+# ------------------------------------------------------------------------ torch.export / compile
+@pytest.fixture(scope="module")
+def traced_pairs():
+    """{backend: our tiny model} for the two backends that trace (the varlen ones unpad by value)."""
+    return {name: make_tiny_pair(name)[0] for name in ("sdpa", "eager")}
+
+
+TRACED_MASKS = {"padded": MASK, "all_ones": torch.ones_like(IDS), "no_mask": None}
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+@pytest.mark.parametrize("mask", list(TRACED_MASKS))
+def test_export_and_dynamo_trace_the_forward_with_no_graph_break(traced_pairs, backend, mask):
+    """torch.export gives eager's logits (all_ones: eager takes SDPA's causal shortcut, the traced
+    forward the full mask); dynamo sees one graph. use_cache=False: a returned cache is no pytree,
+    in transformers' export as in ours."""
+    model = traced_pairs[backend]
+    kwargs = {"use_cache": False, **({"attention_mask": TRACED_MASKS[mask]} if mask != "no_mask" else {})}
+    with torch.no_grad():
+        expected = model(IDS, **kwargs).logits
+        exported = torch.export.export(model, (IDS,), kwargs=kwargs).module()(IDS, **kwargs)
+    diff = report_max_diff(f"torch.export {backend} {mask}", (exported.logits - expected).abs().max().item())
+    assert diff <= 1e-5 and list(exported.keys()) == ["logits"]
+    explanation = torch._dynamo.explain(model)(IDS, **kwargs)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+
+
+@pytest.mark.parametrize("backend, mask", [("sdpa", "padded"), ("eager", "no_mask")])
+def test_compile_fullgraph_gives_eager_logits(traced_pairs, backend, mask):
+    """Two inductor graphs in all (CPU compiles are slow); fullgraph=True fails on any graph break."""
+    model = traced_pairs[backend]
+    kwargs = {"use_cache": False, **({"attention_mask": TRACED_MASKS[mask]} if mask != "no_mask" else {})}
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        expected = model(IDS, **kwargs).logits
+        logits = compiled(IDS, **kwargs).logits
+    diff = report_max_diff(f"torch.compile(fullgraph=True) {backend} {mask}", (logits - expected).abs().max().item())
+    assert diff <= 1e-5
+
+
+def test_flash_reference_traced_branch_is_exact_for_an_all_real_mask(monkeypatch):
+    """The varlen backends' traced branch (unpad whatever the key mask holds) on an all-real mask
+    gives what eager's dense shortcut gives. (They are not traceable end to end: unpadding has
+    data-dependent shapes.)"""
+    model, _ = make_tiny_pair("eager")
+    model.set_attn_implementation("flash_reference")
+    ones = torch.ones_like(IDS)
+    with torch.no_grad():
+        dense = model(IDS, attention_mask=ones, use_cache=False).logits
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        unpadded = model(IDS, attention_mask=ones, use_cache=False).logits
+    assert report_max_diff("flash_reference unpadded vs dense", (unpadded - dense).abs().max().item()) <= 1e-5

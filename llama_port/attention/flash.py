@@ -138,8 +138,9 @@ def _flash_forward(
     key_padding = mask.key_padding_mask
     if mask.packed_cu_seqlens is not None:
         out = _packed_forward(kernels, q, k, v, mask, scaling, dropout, causal)
-    elif key_padding is None or bool(key_padding.all()):
+    elif key_padding is None or (not torch.compiler.is_compiling() and bool(key_padding.all())):
         # Every key is real and the queries are the last T of them: bottom-right causal is exact.
+        # (Traced, the key mask's values are not read: the unpadded path is exact for any mask.)
         out = kernels.func(q, k, v, dropout_p=dropout, softmax_scale=scaling, causal=causal)
     else:
         out = _unpadded_forward(kernels, q, k, v, key_padding, scaling, dropout, causal)

@@ -10,6 +10,11 @@ Every backend has the same signature (see ``llama_port.attention``); what differ
 * ``"varlen"`` (flash_attention_2, flash_reference): a :class:`VarlenMask`, which the flash kernels
   turn into cu_seqlens for ``flash_attn_varlen_func``.
 
+Traced (``torch.compile``, ``torch.export``: ``torch.compiler.is_compiling()``), no Python decision
+reads a tensor's values: the shortcuts that need one (SDPA's causal flag when the padding mask is
+all ones, dropping a one-document packing mask, dropping an all-real varlen key mask) are skipped
+and the full mask, always correct, is built from tensors alone. Eager keeps the shortcuts.
+
 Three entry points: :func:`mask_for_forward` is what ``LlamaModel.forward`` calls with the user's
 (B, S) padding mask; :class:`DecodeMask` is the mask of a static-cache decode loop, built once and
 updated in place one column per token; :class:`PreparedMask` carries a mask already in a backend's
@@ -60,7 +65,8 @@ class PreparedMask:
 
 
 def find_packed_documents(position_ids: Tensor) -> Tensor | None:
-    """(B, T) positions -> (B, T) document index per token, or None when each row is one document.
+    """(B, T) positions -> (B, T) document index per token, or None when each row is one document
+    (in eager mode only: traced, the indices are returned whatever they hold).
 
     A new document starts wherever the position does not follow its predecessor by 1 (the usual
     packing: positions restart at 0 for each document).
@@ -68,7 +74,7 @@ def find_packed_documents(position_ids: Tensor) -> Tensor | None:
     first = position_ids[:, :1] - 1  # so the first token of a row always counts as "following"
     starts = torch.diff(position_ids, prepend=first, dim=-1) != 1
     documents = starts.cumsum(-1)
-    if (documents[:, -1] == 0).all():
+    if not torch.compiler.is_compiling() and bool((documents[:, -1] == 0).all()):
         return None
     return documents
 
@@ -201,7 +207,10 @@ class DecodeMask:
 
 
 def _plain_causal_is_exact(padding: Tensor | None, q_length: int, kv_length: int, q_offset: int) -> bool:
-    """Whether SDPA's own causal flag (upper-left aligned) or no mask at all gives the right answer."""
+    """Whether SDPA's own causal flag (upper-left aligned) or no mask at all gives the right answer.
+    Traced, a padding mask's values are not read: False whenever there is one."""
+    if padding is not None and torch.compiler.is_compiling():
+        return False
     if (q_length == 1 or kv_length == q_length) and (padding is None or bool(padding.all())):
         return True
     # Prefill of an empty static cache: only the not-yet-written slots past the prompt are masked.
@@ -229,6 +238,6 @@ def _varlen_mask(
         # A static cache without a padding mask: slots past the written ones are not real keys.
         written = torch.arange(kv_length, device=device) < q_offset + q_length
         padding = written.expand(batch_size, kv_length)
-    if padding is not None and bool(padding.all()):
-        padding = None
+    if padding is not None and not torch.compiler.is_compiling() and bool(padding.all()):
+        padding = None  # all real: the kernels' dense path
     return VarlenMask(key_padding_mask=padding)
