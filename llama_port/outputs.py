@@ -22,8 +22,9 @@ class ModelOutput(OrderedDict):
     """Base of the output dataclasses: attribute, key and integer access over the non-None fields.
 
     Every field defaults to None. Setting a field (as an attribute or a key, including in the
-    dataclass __init__) to a value keeps the attribute and the dict in step; the dict cannot shrink (``del``, ``pop``, ``update``,
-    ``setdefault`` raise), as in transformers.
+    dataclass __init__) to a value keeps the attribute and the dict in step; ``del``, ``pop``,
+    ``update`` and ``setdefault`` raise TypeError (transformers raises a bare Exception), so the
+    dict changes only through the fields.
     """
 
     def __init_subclass__(cls) -> None:
