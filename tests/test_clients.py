@@ -86,7 +86,8 @@ def train_dataset():
         pad = (row * 5) % 3  # 0..2 right-padding tokens
         if pad:
             ids[row, -pad:], mask[row, -pad:], labels[row, -pad:] = 0, 0, -100
-    return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "labels": labels.tolist()})
+    columns = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return datasets.Dataset.from_dict({name: column.tolist() for name, column in columns.items()})
 
 
 def train(model, output_dir: Path):
@@ -206,8 +207,8 @@ def test_peft_adapter_from_transformers_loads_on_ours(folder, adapter_dir):
     assert diff <= ATOL
 
     prompt = IDS[:, :5]
-    ours_tokens = ours.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False)
-    theirs_tokens = theirs.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False)
+    greedy = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False)
+    ours_tokens, theirs_tokens = ours.generate(**greedy), theirs.generate(**greedy)
     assert theirs_tokens.shape[1] > prompt.shape[1]
     assert ours_tokens.tolist() == theirs_tokens.tolist()
 
@@ -277,7 +278,7 @@ def task_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("lm_eval_tasks")
     for name, docs in (("mc", MC_DOCS), ("gen", GEN_DOCS)):
         (root / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    common = f"dataset_path: json\ntest_split: test\ndoc_to_text: '{{{{question}}}}'\ndoc_to_target: '{{{{answer}}}}'\n"
+    common = "dataset_path: json\ntest_split: test\ndoc_to_text: '{{question}}'\ndoc_to_target: '{{answer}}'\n"
     (root / "tiny_mc.yaml").write_text(
         "task: tiny_mc\n"
         + common
@@ -342,5 +343,6 @@ def test_lm_eval_generate_until_matches_transformers(folder, task_dir):
     their_texts = [s["resps"] for s in theirs["samples"]["tiny_gen"]]
     our_texts = [s["resps"] for s in ours["samples"]["tiny_gen"]]
     assert any(text[0][0].strip() for text in their_texts)  # transformers generated something
-    print(f"[lm-eval generate_until] {sum(o != t for o, t in zip(our_texts, their_texts))} of {len(their_texts)} texts differ")
+    differing = sum(o != t for o, t in zip(our_texts, their_texts))
+    print(f"[lm-eval generate_until] {differing} of {len(their_texts)} texts differ")
     assert our_texts == their_texts
