@@ -604,6 +604,13 @@ class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
 
     ``generate()`` comes from llama_port.generation."""
 
+    # transformers' name for this model's loss (next-token cross-entropy, labels shifted inside):
+    # the Trainer reads it to count num_items_in_batch over labels[..., 1:], as for its own Llama.
+    loss_type = "ForCausalLM"
+    # forward takes num_items_in_batch (by name, not through **kwargs, which is what the Trainer
+    # looks for otherwise), so the Trainer normalises the loss over all accumulated micro-batches.
+    accepts_loss_kwargs = True
+
     def __init__(self, config: LlamaConfig, attn_implementation: str | None = None) -> None:
         super().__init__(config, attn_implementation)
         self.model = LlamaModel(config, self.attn_implementation)
@@ -622,6 +629,39 @@ class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: Tensor,
+        next_sequence_length: int | None = None,
+        past_key_values: KVCache | None = None,
+        attention_mask: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        is_first_iteration: bool = False,
+        **model_kwargs: object,
+    ) -> dict[str, object]:
+        """The forward arguments of one step of transformers' (5.x) decode loop, with its contract:
+        what wrappers such as PEFT call and extend. input_ids (B, T) cut to the last
+        ``next_sequence_length`` tokens (all when None); inputs_embeds instead, on the first
+        iteration only; position_ids, when the loop passes them, cut alike. ``model_kwargs`` (the
+        loop's use_cache, cache_position, ...) go through to forward, whose explicit signature
+        refuses unknown ones. llama_port's own generate() does not use it: its decode loops keep
+        positions and masks in place."""
+        keep = slice(-next_sequence_length, None) if next_sequence_length is not None else slice(None)
+        if inputs_embeds is not None and is_first_iteration:
+            inputs: dict[str, object] = {"input_ids": None, "inputs_embeds": inputs_embeds[:, keep]}
+            length = inputs["inputs_embeds"].shape[1]
+        else:
+            inputs = {"input_ids": input_ids[:, keep]}
+            length = inputs["input_ids"].shape[1]
+        if past_key_values is not None:
+            inputs["past_key_values"] = past_key_values
+        position_ids = model_kwargs.pop("position_ids", None)
+        if position_ids is not None:
+            inputs["position_ids"] = position_ids[..., -length:]  # (B, T_new)
+        inputs["attention_mask"] = attention_mask
+        inputs.update(model_kwargs)
+        return inputs
 
     def forward(
         self,

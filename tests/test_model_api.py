@@ -160,6 +160,42 @@ def test_class_attributes_and_submodules(pair):
         ours.model.set_decoder(ours.model)
 
 
+def test_prepare_inputs_for_generation_drives_a_decode_loop_as_transformers(pair):
+    """transformers 5's decode loop, written out as it calls the method (what PEFT's generate goes
+    through): a prefill (is_first_iteration, the whole prompt) then steps of one token
+    (next_sequence_length=1), position_ids from the attention mask, a DynamicCache, greedy. The
+    same inputs and the same tokens as transformers' model, the same logits within fp32 noise."""
+    from transformers import DynamicCache as HFDynamicCache
+
+    from llama_port import DynamicCache
+
+    ours, theirs = pair
+    runs = {}
+    for name, model, cache in (("ours", ours, DynamicCache()), ("theirs", theirs, HFDynamicCache())):
+        ids, mask, seen = IDS.clone(), MASK.clone(), []
+        with torch.no_grad():
+            for step in range(4):
+                positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as transformers' loop
+                inputs = model.prepare_inputs_for_generation(
+                    ids, next_sequence_length=None if step == 0 else 1, past_key_values=cache, attention_mask=mask,
+                    is_first_iteration=step == 0, position_ids=positions, use_cache=True,
+                )
+                seen.append({k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)})
+                logits = model(**inputs).logits[:, -1]  # (B, V)
+                seen[-1]["logits"] = logits
+                ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        runs[name] = (ids, seen)
+    assert torch.equal(runs["ours"][0], runs["theirs"][0])
+    worst = 0.0
+    for a, b in zip(runs["ours"][1], runs["theirs"][1], strict=True):
+        assert a.keys() == b.keys()
+        for key in ("input_ids", "attention_mask", "position_ids"):
+            assert torch.equal(a[key], b[key]), key
+        worst = max(worst, (a["logits"] - b["logits"]).abs().max().item())
+    assert report_max_diff("prepare_inputs_for_generation loop vs transformers", worst) <= 1e-5
+
+
 def test_setters_replace_the_modules():
     ours, _ = make_tiny_pair("eager")
     decoder, embedding, head = ours.model, torch.nn.Embedding(128, 64), torch.nn.Linear(64, 128, bias=False)
