@@ -30,6 +30,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..attention import default_attn_implementation, get_backend
 from ..dtypes import DTYPES, STORED_DTYPES, dtype_name, parse_dtype
+from ..generation import GENERATION_CONFIG_NAME, GenerationConfig
 from ..modeling import LlamaRotaryEmbedding
 from .errors import (
     CorruptCheckpointError,
@@ -129,6 +130,9 @@ def load_pretrained(
         if chosen != model.attn_implementation:
             model.set_attn_implementation(chosen)
     model.config.dtype = dtype_name(target_dtype)
+    generation_file = next((f for f in source.tokenizer_files if f.name == GENERATION_CONFIG_NAME), None)
+    if generation_file is not None:  # else the one LlamaForCausalLM derived from the config
+        model.generation_config = GenerationConfig.from_pretrained(generation_file)
     return model.eval()
 
 
