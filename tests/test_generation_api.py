@@ -6,6 +6,7 @@ and written), GenerateOutput, stop strings, and the arguments generate() refuses
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -164,22 +165,12 @@ def test_scores_and_logits_match_transformers(pair):
 
 def test_streamer_sees_the_expanded_rows(pair):
     ids, mask = batch((4, 2))
-
-    class Recorder:
-        def __init__(self):
-            self.values, self.ended = [], False
-
-        def put(self, value):
-            self.values.append(value.clone())
-
-        def end(self):
-            self.ended = True
-
-    recorder = Recorder()
+    seen, ended = [], []
+    streamer = SimpleNamespace(put=lambda value: seen.append(value.clone()), end=lambda: ended.append(True))
     out = pair[1].generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=True, num_return_sequences=2,
-                           eos_token_id=[], seed=0, streamer=recorder)
-    assert recorder.ended and torch.equal(recorder.values[0], ids.repeat_interleave(2, dim=0))
-    assert torch.equal(torch.stack(recorder.values[1:], dim=1), out[:, ids.shape[1] :])
+                           eos_token_id=[], seed=0, streamer=streamer)
+    assert ended == [True] and torch.equal(seen[0], ids.repeat_interleave(2, dim=0))
+    assert torch.equal(torch.stack(seen[1:], dim=1), out[:, ids.shape[1] :])
 
 
 # ------------------------------------------------------------------------------------- sampling

@@ -163,9 +163,10 @@ class GenerationMixin:
             output_logits=output_logits, use_cache=use_cache, cache_implementation=cache_implementation,
         )
         config = self.config
-        resolved, default_max_length = resolve_generation_config(
-            self.generation_config.following(config), generation_config, explicit
-        )
+        model_default = self.generation_config
+        if isinstance(model_default, GenerationConfig):  # (a transformers one assigned to it is read as it is)
+            model_default = model_default.following(config)
+        resolved, default_max_length = resolve_generation_config(model_default, generation_config, explicit)
         input_ids, attention_mask = _check_prompt(input_ids, attention_mask, config.vocab_size)
         prompt_width = input_ids.shape[1]
         if resolved.max_new_tokens is not None:
@@ -217,7 +218,7 @@ class GenerationMixin:
 
 
 def resolve_generation_config(
-    model_default: GenerationConfig, generation_config: Any, explicit: dict[str, Any]
+    model_default: Any, generation_config: Any, explicit: dict[str, Any]
 ) -> tuple[GenerationConfig, bool]:
     """Every field's value by transformers' precedence: ``explicit`` (the arguments not None) >
     ``generation_config`` (ours or transformers', its fields not None) > ``model_default`` >
