@@ -259,7 +259,7 @@ def test_warper_order_is_transformers(pair):
 class PieceTokenizer:
     """Decodes ids by joining fixed text pieces (what a BPE tokenizer's decode does)."""
 
-    pieces = ["", "st", "op", "opera", "las", "topper", "stop", "at", "x"]
+    pieces = ("", "st", "op", "opera", "las", "topper", "stop", "at", "x")
 
     def decode(self, ids):
         return "".join(self.pieces[i] for i in ids)
@@ -328,10 +328,9 @@ def test_generation_config_from_model_config_follows_it_until_changed():
     assert derived.following(config).eos_token_id == 9  # set by the user: stays
 
 
-def test_generation_config_json_round_trip_with_transformers(pair, tmp_path):
+def test_generation_config_json_round_trip_with_transformers(tmp_path):
     import transformers
 
-    hf, ours = pair
     config = GenerationConfig(max_new_tokens=5, do_sample=True, top_p=0.8, eos_token_id=[2, 3], extra={"foo": 1})
     config.save_pretrained(tmp_path)
     values = json.loads((tmp_path / "generation_config.json").read_text())
