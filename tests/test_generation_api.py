@@ -366,6 +366,12 @@ def test_save_and_from_pretrained_carry_generation_config(pair, tmp_path):
     (tmp_path / "own" / "generation_config.json").unlink()
     bare = llama_port.LlamaForCausalLM.from_pretrained(tmp_path / "own")
     assert bare.generation_config.max_new_tokens is None and bare.generation_config.eos_token_id == 2
+    # a broken one is refused, naming the file
+    (tmp_path / "own" / "generation_config.json").write_text("{not json")
+    from llama_port.checkpoints.errors import CorruptCheckpointError
+
+    with pytest.raises(CorruptCheckpointError, match="generation_config.json: not valid JSON"):
+        llama_port.LlamaForCausalLM.from_pretrained(tmp_path / "own")
 
 
 # --------------------------------------------------------------------------------- refusals

@@ -132,7 +132,7 @@ def load_pretrained(
     model.config.dtype = dtype_name(target_dtype)
     generation_file = next((f for f in source.tokenizer_files if f.name == GENERATION_CONFIG_NAME), None)
     if generation_file is not None:  # else the one LlamaForCausalLM derived from the config
-        model.generation_config = GenerationConfig.from_pretrained(generation_file)
+        model.generation_config = GenerationConfig.from_pretrained(generation_file, CorruptCheckpointError)
     return model.eval()
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from ..configuration import read_json_file
+
 GENERATION_CONFIG_NAME = "generation_config.json"
 
 # transformers' GenerationConfig._get_default_generation_params() for the fields generate() implements.
@@ -130,14 +132,11 @@ class GenerationConfig:
         return cls(**ids, _from_model_config=True, _derived_ids=tuple(_frozen(v) for v in ids.values()))
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike) -> GenerationConfig:
-        """Read ``folder``/generation_config.json (or that file itself). ValueError if it is not a JSON object."""
+    def from_pretrained(cls, folder: str | os.PathLike, error: type[Exception] = ValueError) -> GenerationConfig:
+        """Read ``folder``/generation_config.json (or that file itself); ``error`` naming the file
+        if it is not a JSON object (configuration.read_json_file's checks)."""
         path = Path(folder)
-        path = path / GENERATION_CONFIG_NAME if path.is_dir() else path
-        values = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a JSON object, got {type(values).__name__}")
-        return cls.from_dict(values)
+        return cls.from_dict(read_json_file(path / GENERATION_CONFIG_NAME if path.is_dir() else path, error))
 
     def to_dict(self) -> dict[str, Any]:
         """The set fields (not None) and ``extra``, as generation_config.json holds them."""
