@@ -196,6 +196,7 @@ class GenerationMixin:
                 raise ValueError(f"{message}; lower max_new_tokens or shorten the prompt")
             warnings.warn(f"{message}; rope_type={rope_name!r} extrapolates past it", stacklevel=2)
 
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         if resolved.num_return_sequences > 1:  # as transformers: each prompt's copies side by side
             input_ids = input_ids.repeat_interleave(resolved.num_return_sequences, dim=0)
             attention_mask = attention_mask.repeat_interleave(resolved.num_return_sequences, dim=0)
@@ -211,9 +212,7 @@ class GenerationMixin:
             compile=compile, generator=generator,
         )
         with torch.inference_mode():
-            output = _generate(
-                self, input_ids.to(self.device), attention_mask.to(self.device), settings, streamer, callback
-            )
+            output = _generate(self, input_ids, attention_mask, settings, streamer, callback)
         return output if resolved.return_dict_in_generate else output.sequences
 
 
