@@ -259,7 +259,7 @@ def test_warper_order_is_transformers(pair):
 class PieceTokenizer:
     """Decodes ids by joining fixed text pieces (what a BPE tokenizer's decode does)."""
 
-    pieces = ("", "st", "op", "opera", "las", "topper", "stop", "at", "x")
+    pieces = ("", "st", "op", "opera", "las", "topper", "stop", "at", "x", "s", "t")
 
     def decode(self, ids):
         return "".join(self.pieces[i] for i in ids)
@@ -270,11 +270,12 @@ class PieceTokenizer:
     [
         (["st", "op"], True), (["stop"], True), (["st", "opera"], True), (["las", "topper"], True),
         (["stop", "at"], False), (["st", "op", "at"], False), (["x"], False),
+        (["x"] * 30 + ["s", "t", "op"], True),  # past the first tokens: only the last few are decoded
     ],
 )
 def test_stop_strings_stop_when_the_match_overlaps_the_last_token(pieces, stops):
     ids = torch.tensor([[8, 8] + [PieceTokenizer.pieces.index(p) for p in pieces]])
-    assert StopStrings(PieceTokenizer(), ["stop"], prompt_length=2)(ids, None).tolist() == [stops]
+    assert StopStrings(PieceTokenizer(), ["stop"])(ids, None).tolist() == [stops]
 
 
 def test_stop_strings_end_each_row_at_its_match(pair, tokenizer):

@@ -122,7 +122,7 @@ class GenerationMixin:
         num_return_sequences: rows repeated (repeat_interleave) before sampling; needs do_sample.
         eos_token_id: id or ids that end a row ([] never stops early). pad_token_id: fills rows that
             have ended (default: the first eos). bos_token_id: unused with a prompt, as in transformers.
-        stop_strings: a row ends when its new text holds one, overlapping the last token
+        stop_strings: a row ends when its text holds one, overlapping the last token
             (transformers' StopStringCriteria); needs ``tokenizer``.
         logits_processor: callables (input_ids (B, S), scores (B, V)) -> scores, applied after the
             repetition penalty and min length, before the warpers (transformers' order).
@@ -206,7 +206,7 @@ class GenerationMixin:
         settings = DecodingSettings(
             max_new_tokens=new_tokens, do_sample=resolved.do_sample,
             processors=_processors(resolved, eos_ids, attention_mask, prompt_width, logits_processor),
-            criteria=_criteria(resolved, tokenizer, prompt_width, stopping_criteria), eos_ids=eos_ids,
+            criteria=_criteria(resolved, tokenizer, stopping_criteria), eos_ids=eos_ids,
             pad_token_id=pad, output_scores=resolved.return_dict_in_generate and resolved.output_scores,
             output_logits=resolved.return_dict_in_generate and resolved.output_logits, cache_implementation=cache,
             compile=compile, generator=generator,
@@ -253,13 +253,13 @@ def _processors(
 
 
 def _criteria(
-    config: GenerationConfig, tokenizer: Any, prompt_width: int, custom: Sequence[StoppingCriterion] | None
+    config: GenerationConfig, tokenizer: Any, custom: Sequence[StoppingCriterion] | None
 ) -> list[StoppingCriterion]:
     """Stopping criteria besides eos and the length: the stop strings, then the caller's."""
     criteria: list[StoppingCriterion] = []
-    if config.stop_strings is not None:
+    if config.stop_strings:
         strings = [config.stop_strings] if isinstance(config.stop_strings, str) else list(config.stop_strings)
-        criteria.append(StopStrings(tokenizer, strings, prompt_width))
+        criteria.append(StopStrings(tokenizer, strings))
     return criteria + list(custom or [])
 
 
@@ -415,7 +415,7 @@ def _check_generation_arguments(new_tokens: int, config: GenerationConfig, cache
         raise ValueError(f"num_return_sequences={count!r}; expected an int >= 1")
     if count > 1 and not config.do_sample:
         raise ValueError(f"num_return_sequences={count} needs do_sample=True (greedy rows would all be the same)")
-    if config.stop_strings is not None and tokenizer is None:
+    if config.stop_strings and tokenizer is None:
         raise ValueError("stop_strings needs tokenizer= (the stop strings are matched on the decoded text)")
     if cache not in CACHE_IMPLEMENTATIONS:
         raise ValueError(f"cache_implementation={cache!r}; expected one of {list(CACHE_IMPLEMENTATIONS)}")

@@ -39,19 +39,21 @@ def until_eos(tokens: list[int], eos_ids: Iterable[int]) -> list[int]:
 
 
 class StopStrings:
-    """Stopping criterion: True for each row (B,) whose new tokens' text holds a stop string that
-    overlaps the last token, as transformers' StopStringCriteria: for "stop", the tokens
-    ["st", "op"], ["st", "opera"] and ["las", "topper"] stop; ["stop", "at"] does not (the match
-    was already complete one token earlier). Decodes with ``tokenizer.decode``."""
+    """Stopping criterion: True for each row (B,) whose text holds a stop string that overlaps the
+    last token, as transformers' StopStringCriteria: for "stop", the tokens ["st", "op"],
+    ["st", "opera"] and ["las", "topper"] stop; ["stop", "at"] does not (the match was complete one
+    token earlier). A match may start in the prompt, as there. Decodes with ``tokenizer.decode``
+    only the last tokens that can hold a match: each token is at least one character, plus one for
+    a character split across tokens."""
 
-    def __init__(self, tokenizer: Any, stop_strings: Sequence[str], prompt_length: int) -> None:
+    def __init__(self, tokenizer: Any, stop_strings: Sequence[str]) -> None:
         self.tokenizer = tokenizer
         self.stop_strings = list(stop_strings)
-        self.prompt_length = prompt_length
+        self.window = max(len(s) for s in self.stop_strings) + 2  # tokens
 
     def __call__(self, input_ids: Tensor, scores: Any) -> Tensor:
         stops = []
-        for row in input_ids[:, self.prompt_length :].tolist():
+        for row in input_ids[:, -self.window :].tolist():
             text = self.tokenizer.decode(row)
             before = len(self.tokenizer.decode(row[:-1]))  # where the last token's text starts
             stops.append(any(text.find(s, max(0, before - len(s) + 1)) >= 0 for s in self.stop_strings))
