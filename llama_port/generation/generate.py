@@ -287,7 +287,9 @@ def _generate(
     logits_seen: list[Tensor] = []
     can_stop = bool(eos_ids) or bool(settings.criteria)
     for step in range(settings.max_new_tokens):
-        raw = logits.float()  # parity: choose in float32 whatever the model dtype, as transformers does
+        # parity: choose in float32 whatever the model dtype; a copy, as transformers takes, so that
+        # neither an in-place processor nor the next step (CUDA graphs reuse their output) changes it
+        raw = logits.to(dtype=torch.float32, copy=True)
         scores = apply_processors(settings.processors, sequences, raw)
         if scores_seen is not None:
             scores_seen.append(scores)
