@@ -163,6 +163,19 @@ def test_scores_and_logits_match_transformers(pair):
         plain["scores"]
 
 
+def test_processors_and_outputs_on_the_compiled_static_path(pair):
+    """The processors run outside the compiled decode step; the logits kept per step are copies."""
+    ids, mask = batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, repetition_penalty=1.3, eos_token_id=[],
+                  return_dict_in_generate=True, output_logits=True)
+    eager = pair[1].generate(ids, **kwargs)
+    torch._dynamo.reset()
+    compiled = pair[1].generate(ids, cache_implementation="static", compile=True, **kwargs)
+    assert torch.equal(compiled.sequences, eager.sequences)
+    for mine, reference in zip(compiled.logits, eager.logits, strict=True):
+        torch.testing.assert_close(mine, reference, atol=1e-4, rtol=0)
+
+
 def test_streamer_sees_the_expanded_rows(pair):
     ids, mask = batch((4, 2))
     seen, ended = [], []
