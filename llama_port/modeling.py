@@ -21,7 +21,7 @@ from .attention import AttentionBackend, default_attn_implementation, get_backen
 from .attention.masks import BackendMask, PreparedMask, mask_for_forward
 from .cache import DynamicCache, KVCache
 from .configuration import LlamaConfig, as_llama_config
-from .generation import GenerationMixin
+from .generation import GenerationConfig, GenerationMixin
 from .outputs import CausalLMOutput, LlamaModelOutput
 from .rope import ROPE_TYPES, apply_rotary_pos_emb, compute_inv_freq
 
@@ -602,7 +602,8 @@ class LlamaModel(LlamaPreTrainedModel):
 class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
     """LlamaModel plus the language-model head: token ids -> next-token logits (B, T, V).
 
-    ``generate()`` comes from llama_port.generation."""
+    ``generate()`` comes from llama_port.generation; its defaults from ``generation_config``
+    (derived from the config here, replaced by generation_config.json at from_pretrained)."""
 
     # transformers' name for this model's loss (next-token cross-entropy, labels shifted inside):
     # the Trainer reads it to count num_items_in_batch over labels[..., 1:], as for its own Llama.
@@ -613,6 +614,7 @@ class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: LlamaConfig, attn_implementation: str | None = None) -> None:
         super().__init__(config, attn_implementation)
+        self.generation_config = GenerationConfig.from_model_config(config)
         self.model = LlamaModel(config, self.attn_implementation)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

@@ -30,7 +30,7 @@ def test_save_pretrained_round_trip(tmp_path, layouts, safe, shard):
     names = sorted(p.name for p in out.iterdir())
     stem, ext = ("model", "safetensors") if safe else ("pytorch_model", "bin")
     if shard is None:
-        assert names == ["config.json", f"{stem}.{ext}"]
+        assert names == ["config.json", "generation_config.json", f"{stem}.{ext}"]
     else:
         index = json.loads((out / f"{stem}.{ext}.index.json").read_text())
         assert index["metadata"]["total_size"] == sum(p.numel() * 4 for p in ours.parameters())
@@ -94,7 +94,7 @@ def test_save_pretrained_replaces_an_earlier_save(tmp_path, layouts):
     ours = LlamaForCausalLM.from_pretrained(layouts["single"])
     ours.save_pretrained(tmp_path, max_shard_size="100KB")
     ours.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
 
 
 # ---------------------------------------------------------------------------------- convert

@@ -31,6 +31,7 @@ from torch.overrides import TorchFunctionMode
 from ..attention import default_attn_implementation, get_backend
 from ..configuration import as_llama_config
 from ..dtypes import DTYPES, STORED_DTYPES, dtype_name, parse_dtype
+from ..generation import GENERATION_CONFIG_NAME, GenerationConfig
 from ..modeling import LlamaRotaryEmbedding
 from .errors import (
     CorruptCheckpointError,
@@ -150,6 +151,9 @@ def load_pretrained(
             model.set_attn_implementation(chosen)
     model.config.dtype = dtype_name(target_dtype)
     model.config.name_or_path = source.location if isinstance(name_or_path, CheckpointSource) else name_or_path
+    generation_file = next((f for f in source.tokenizer_files if f.name == GENERATION_CONFIG_NAME), None)
+    if generation_file is not None:  # else the one LlamaForCausalLM derived from the config
+        model.generation_config = GenerationConfig.from_pretrained(generation_file, CorruptCheckpointError)
     return model.eval()
 
 

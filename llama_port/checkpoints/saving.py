@@ -131,6 +131,8 @@ def save_pretrained(
             index = {"metadata": dict(split.metadata), "weight_map": dict(sorted(split.tensor_to_filename.items()))}
             _write_index(index, staging / index_name)
         config.save_pretrained(staging)
+        if hasattr(model, "generation_config"):  # a model that generates, as transformers writes it
+            model.generation_config.save_pretrained(staging)
     return directory
 
 

@@ -1,4 +1,5 @@
-"""Sampling filters for generate(), in transformers' order: temperature -> top-k -> top-p -> sample.
+"""Sampling filters for generate(), in transformers' order: temperature -> top-k -> top-p -> sample
+(processors.py wraps them, with min-p, as transformers' warpers and applies them in that order).
 
 Each filter maps float32 logits (B, V) to logits (B, V) with the removed tokens at -inf, as
 transformers' LogitsWarpers do, so a seeded sampler draws from the same distribution.
@@ -41,24 +42,3 @@ def sample_token(logits: Tensor, generator: torch.Generator | None = None) -> Te
     """One token id per row (B,), drawn from softmax(logits (B, V)) with ``generator``'s RNG."""
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
-
-
-def next_tokens_from_logits(
-    logits: Tensor,
-    do_sample: bool,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Next token per row (B,) from float32 logits (B, V): argmax, or temperature -> top-k -> top-p
-    -> sample (transformers' warper order)."""
-    if not do_sample:
-        return logits.argmax(dim=-1)
-    if temperature != 1.0:
-        logits = apply_temperature(logits, temperature)
-    if top_k:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None and top_p < 1.0:
-        logits = top_p_filter(logits, top_p)
-    return sample_token(logits, generator)
