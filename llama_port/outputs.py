@@ -11,6 +11,7 @@ pytree node, so ``torch.export`` and DDP(static_graph=True) see its tensors.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -36,6 +37,20 @@ class ModelOutput(OrderedDict):
             serialized_type_name=f"{cls.__module__}.{cls.__qualname__}",
             flatten_with_keys_fn=pytree._dict_flatten_with_keys,
         )
+
+    def __post_init__(self) -> None:
+        # transformers' other constructor, ``Output({"logits": ...})``: one mapping of fields as the
+        # only argument. accelerate's hooks rebuild outputs this way (type(out)(moved_dict)).
+        first, *rest = fields(self)
+        mapping = getattr(self, first.name)
+        if isinstance(mapping, Mapping) and all(getattr(self, f.name) is None for f in rest):
+            unknown = set(mapping) - {f.name for f in fields(self)}
+            if unknown:
+                raise TypeError(f"{type(self).__name__} has no fields {sorted(unknown)}")
+            OrderedDict.__delitem__(self, first.name)
+            super().__setattr__(first.name, None)
+            for name, value in mapping.items():
+                setattr(self, name, value)
 
     def __getitem__(self, key: str | int | slice) -> Any:
         """``out["logits"]`` by name (KeyError for a None field); ``out[0]``, ``out[1:]`` over to_tuple()."""

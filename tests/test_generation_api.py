@@ -156,7 +156,7 @@ def test_scores_and_logits_match_transformers(pair):
     assert not torch.equal(got.scores[1], got.logits[1])  # processed vs raw
     # ModelOutput access: attribute, key, integer; None fields skipped
     plain = pair[1].generate(ids, attention_mask=mask, max_new_tokens=2, return_dict_in_generate=True)
-    assert plain.keys() == ["sequences"] and plain.scores is None and plain.logits is None
+    assert list(plain.keys()) == ["sequences"] and plain.scores is None and plain.logits is None
     assert torch.equal(plain["sequences"], plain[0]) and plain.to_tuple()[0] is plain.sequences
     assert "scores" not in plain and list(plain) == ["sequences"]
     with pytest.raises(KeyError):

@@ -104,6 +104,18 @@ def test_output_none_fields_are_skipped_and_setting_one_adds_it():
             refused()
 
 
+def test_output_built_from_one_mapping_as_transformers_and_accelerate_do():
+    """accelerate's device hooks rebuild an output as type(out)(dict_of_moved_fields)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    logits, loss = torch.ones(2, 3), torch.zeros(())
+    ours, theirs = CausalLMOutput({"logits": logits, "loss": loss}), CausalLMOutputWithPast({"logits": logits, "loss": loss})
+    assert list(ours.keys()) == list(theirs.keys()) and ours.logits is logits and ours.loss is loss
+    assert ours.to_tuple() == theirs.to_tuple()
+    with pytest.raises(TypeError, match=r"has no fields \['nope'\]"):
+        CausalLMOutput({"nope": logits})
+
+
 def test_output_pickles_and_flattens_as_a_pytree():
     out = CausalLMOutput(loss=torch.zeros(()), logits=torch.ones(2))
     again = pickle.loads(pickle.dumps(out))
@@ -294,7 +306,7 @@ def test_push_to_hub_uploads_what_save_pretrained_writes(pair, monkeypatch):
     ours, _ = pair
     assert ours.push_to_hub("org/tiny", commit_message="m") == "https://huggingface.co/org/tiny/commit/abc"
     (repo_id, files, kwargs), = uploads
-    assert repo_id == "org/tiny" and files == ["config.json", "model.safetensors"] and kwargs["commit_message"] == "m"
+    assert repo_id == "org/tiny" and files == ["config.json", "generation_config.json", "model.safetensors"] and kwargs["commit_message"] == "m"
 
 
 # ------------------------------------------------------------------------- from_pretrained, config

@@ -24,8 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0: greedy (default)")
-    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
-    parser.add_argument("--top-p", type=float, default=None, help="sample from the nucleus of this probability mass")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="sample among the k most likely tokens only (default: the checkpoint's "
+                             "generation_config.json, else transformers' 50; 0: no limit)")
+    parser.add_argument("--top-p", type=float, default=None,
+                        help="sample from the nucleus of this probability mass (default: the checkpoint's "
+                             "generation_config.json, else 1: no limit)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampler's private generator")
     add_dtype_argument(parser, "dtype the model runs in (default float32)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
