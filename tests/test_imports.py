@@ -23,6 +23,7 @@ LAYERS = [
     ["llama_port.configuration"],
     ["llama_port.cache", "llama_port.attention"],
     ["llama_port.generation"],
+    ["llama_port.pretrained"],
     ["llama_port.modeling"],
     ["llama_port"],  # the public API (__init__.py)
     ["llama_port.checkpoints"],
