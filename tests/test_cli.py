@@ -123,7 +123,9 @@ def test_smollm2_float32_passes(smollm2_gguf, tmp_path, capsys):
     assert [e["name"] for e in report["per_layer"][1:31]] == [f"layers.{i}" for i in range(30)]
     assert all(e["max_abs_diff"] <= 1e-4 for e in report["per_layer"])
     assert report["num_positions"] > 2 * 12  # the prompts and the random rows, pads excluded
-    assert len(report["weights_sha256"]) == 64 and report["transformers_version"] == "5.23.0"
+    import transformers
+
+    assert len(report["weights_sha256"]) == 64 and report["transformers_version"] == transformers.__version__
     assert "PASS" in table and png.stat().st_size > 10_000
 
 
