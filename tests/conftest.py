@@ -1,7 +1,7 @@
 """Shared builders and fixtures: tiny transformers models and their llama_port twins, models built
 from a checkpoint source, tiny Hub-format checkpoint folders (every weight layout, bf16, good copies
 to break) with the helpers that compare logits over them, writers of Meta and GGUF checkpoints, the
-parity tool's JSON keys, and the real SmolLM2 GGUF with the models and tokenizer loaded from it."""
+parity tool's JSON keys, the launcher of gloo process groups (run_ranks), and the real SmolLM2 GGUF with the models and tokenizer loaded from it."""
 
 from __future__ import annotations
 
@@ -425,6 +425,88 @@ def smollm2_pair(smollm2_gguf):
     tokenizer = load_tokenizer(smollm2_gguf)
     tokenizer.padding_side = "left"
     return hf, ours, tokenizer
+
+
+# ------------------------------------------------------------ several processes joined by gloo
+def _rank_main(worker, rank: int, world_size: int, port: int, args: tuple, results) -> None:
+    """One spawned rank: join the gloo group, run worker(rank, world_size, *args), report back.
+
+    The result travels as standard-pickle bytes (tensors copied), never through shared memory, so a
+    rank may exit as soon as it has reported."""
+    import os
+    import pickle
+    import traceback
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
+        result = worker(rank, world_size, *args)
+        results.put((rank, True, pickle.dumps(result)))
+    except BaseException:  # noqa: BLE001 - every failure goes back to the test, with its traceback
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(worker, world_size: int, *args, timeout: float = 300.0) -> list:
+    """Run ``worker(rank, world_size, *args)`` in ``world_size`` spawned processes joined by a gloo
+    process group (the env vars torchrun sets are set too); return the ranks' results, rank order.
+
+    ``worker`` must be a module-level function of a test module (spawn imports it by name) and its
+    result picklable. A rank that raises fails the test with that rank's traceback; past
+    ``timeout`` seconds every rank is killed and the test fails. No process outlives the call."""
+    import multiprocessing
+    import pickle
+    import queue
+    import time
+
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank_main, args=(worker, r, world_size, port, args, results), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    got: dict[int, object] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(got) < world_size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                pytest.fail(f"run_ranks: {world_size - len(got)} of {world_size} ranks still running after {timeout:.0f} s")
+            try:
+                rank, ok, payload = results.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if r not in got and p.exitcode not in (None, 0)]
+                if dead:
+                    pytest.fail(f"run_ranks: rank {dead[0]} died with exit code {procs[dead[0]].exitcode} before reporting")
+                continue
+            if not ok:
+                pytest.fail(f"run_ranks: rank {rank} raised:\n{payload}")
+            got[rank] = pickle.loads(payload)
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [got[r] for r in range(world_size)]
 
 
 def pytest_collection_modifyitems(config, items):
