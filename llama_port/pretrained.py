@@ -53,8 +53,10 @@ class PreTrainedModel(nn.Module):
         every rank returns once the folder is complete (``distributed.save_full_checkpoint``)."""
         from .checkpoints.saving import holds_dtensors, save_pretrained
 
-        options = dict(max_shard_size=max_shard_size, safe_serialization=safe_serialization)
-        if state_dict is None and holds_dtensors(self.parameters()):
+        options = {"max_shard_size": max_shard_size, "safe_serialization": safe_serialization}
+        # The state dict, not parameters(): FSDP2 leaves plain unsharded tensors registered between a
+        # forward and its backward (reshard_after_forward=False), and its state-dict hook reshards.
+        if state_dict is None and holds_dtensors(self.state_dict().values()):
             from .distributed.fsdp import save_full_checkpoint
 
             return save_full_checkpoint(self, save_directory, **options)

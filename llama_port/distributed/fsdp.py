@@ -131,7 +131,7 @@ def save_full_checkpoint(
 
     from ..checkpoints.saving import save_pretrained
 
-    options = dict(max_shard_size=max_shard_size, safe_serialization=safe_serialization)
+    options = {"max_shard_size": max_shard_size, "safe_serialization": safe_serialization}
     if not dist.is_available() or not dist.is_initialized():
         return save_pretrained(model, save_directory, **options)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
