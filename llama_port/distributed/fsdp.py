@@ -48,9 +48,9 @@ def shard_model(
     itself (the root unit: embedding, final norm, head); returns ``model``, now an ``FSDPModule``.
 
     Call it on every rank, after ``torch.distributed.init_process_group`` and before building the
-    optimizer. ``model`` may be a LlamaForCausalLM, a LlamaModel or anything holding their decoder
-    layers (a PEFT wrapper); on CPU or the meta device (materialise with ``model.to_empty`` and
-    re-initialise or load afterwards, as with any FSDP2 model).
+    optimizer (it must see the sharded parameters). ``model``: a LlamaForCausalLM or a LlamaModel
+    with its weights loaded, on the CPU or already on the mesh's device; every rank must hold the
+    same weights (each keeps only its shard of them).
 
     mesh: a 1-D DeviceMesh (FSDP) or 2-D (HSDP, replicate x shard); default
         ``init_device_mesh(device_type, (world_size,))`` where device_type is "cuda" when the default
