@@ -38,13 +38,29 @@ class PreTrainedModel(nn.Module):
         return load_pretrained(cls, name_or_path, **options)
 
     def save_pretrained(
-        self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB", safe_serialization: bool = True
+        self,
+        save_directory: str | os.PathLike,
+        max_shard_size: int | str = "5GB",
+        safe_serialization: bool = True,
+        state_dict: dict[str, Tensor] | None = None,
     ) -> Path:
         """Write config.json and the weights (safetensors, sharded past ``max_shard_size``) as
-        transformers does; ``safe_serialization=False`` writes pytorch_model*.bin. Returns the folder."""
-        from .checkpoints.saving import save_pretrained
+        transformers does; ``safe_serialization=False`` writes pytorch_model*.bin. Returns the folder.
 
-        return save_pretrained(self, save_directory, max_shard_size=max_shard_size, safe_serialization=safe_serialization)
+        ``state_dict``: the weights to write instead of the model's own (transformers' argument).
+        A model whose parameters are DTensors (``llama_port.distributed.shard_model``) is saved
+        collectively, so call this on every rank: the full weights are gathered, rank 0 writes them,
+        every rank returns once the folder is complete (``distributed.save_full_checkpoint``)."""
+        from .checkpoints.saving import holds_dtensors, save_pretrained
+
+        options = {"max_shard_size": max_shard_size, "safe_serialization": safe_serialization}
+        # The state dict, not parameters(): FSDP2 leaves plain unsharded tensors registered between a
+        # forward and its backward (reshard_after_forward=False), and its state-dict hook reshards.
+        if state_dict is None and holds_dtensors(self.state_dict().values()):
+            from .distributed.fsdp import save_full_checkpoint
+
+            return save_full_checkpoint(self, save_directory, **options)
+        return save_pretrained(self, save_directory, state_dict=state_dict, **options)
 
     def push_to_hub(
         self,

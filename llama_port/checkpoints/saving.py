@@ -26,8 +26,10 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -89,12 +91,25 @@ def save_pretrained(
     save_directory: str | os.PathLike,
     max_shard_size: int | str = "5GB",
     safe_serialization: bool = True,
+    state_dict: dict[str, Tensor] | None = None,
 ) -> Path:
-    """Write ``model`` to ``save_directory`` as transformers would (see the module docstring)."""
+    """Write ``model`` to ``save_directory`` as transformers would (see the module docstring).
+
+    ``state_dict``: the weights to write instead of ``model.state_dict()`` (transformers' argument:
+    e.g. the full state dict gathered from a sharded model on rank 0); the config, the generation
+    config and the tied-head names still come from ``model``. ValueError when the weights are
+    DTensors (FSDP2 / tensor-parallel shards): gather them first
+    (``llama_port.distributed.save_full_checkpoint``, which ``model.save_pretrained`` runs)."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
     directory = Path(save_directory)
-    state = model.state_dict()
+    state = model.state_dict() if state_dict is None else dict(state_dict)
+    if holds_dtensors(state.values()):
+        raise ValueError(
+            f"cannot save to {directory}: the weights are DTensors (sharded by FSDP2 or tensor parallelism), and "
+            "writing them would write one rank's shards; call model.save_pretrained(folder) on every rank, or "
+            "llama_port.distributed.save_full_checkpoint(model, folder), or pass state_dict= a full state dict"
+        )
     offloaded = [name for name, t in state.items() if t.is_meta]
     if offloaded:
         raise ValueError(
@@ -134,6 +149,13 @@ def save_pretrained(
         if hasattr(model, "generation_config"):  # a model that generates, as transformers writes it
             model.generation_config.save_pretrained(staging)
     return directory
+
+
+def holds_dtensors(tensors: Iterable[Tensor]) -> bool:
+    """Whether any of ``tensors`` is a torch.distributed DTensor (none can exist, and nothing is
+    imported, while torch.distributed.tensor was never imported)."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and any(isinstance(t, dtensor.DTensor) for t in tensors)
 
 
 def push_to_hub(
