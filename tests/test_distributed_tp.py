@@ -1,0 +1,225 @@
+"""Tensor parallelism (llama_port.distributed) on gloo ranks spawned by conftest.run_ranks.
+
+Checkpoints and the single-process references are built in the parent; each worker loads with
+``tp_plan="auto"`` and returns what the parent compares: logits of a left-padded batch against
+transformers', greedy tokens against one process (both caches), how much of each weight a rank
+holds and how its pieces are stored, a Meta 2-shard checkpoint read rank-to-rank, the real SmolLM2
+GGUF at tp=3 and its refusal at tp=2, and the CLI under torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import llama_port
+from conftest import (
+    make_hf_model,
+    report_max_diff,
+    run_ranks,
+    tiny_config_dict,
+    write_meta_checkpoint,
+    write_tiny_tokenizer,
+)
+from llama_port.parity import left_pad, random_batch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ATOL = 1e-5
+NEW_TOKENS = 6
+# GQA 4/2 heads with biases (column-wise ones split, row-wise ones replicated) and a tied head.
+TP_CONFIG = tiny_config_dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=True)
+
+
+def padded_batch(vocab_size: int, pad: int, rows: int = 3, length: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
+    """A left-padded (rows, length) batch, each row padded differently."""
+    return left_pad(random_batch(vocab_size, rows, length, pad), pad, length)
+
+
+def greedy(model, input_ids, attention_mask, cache: str) -> torch.Tensor:
+    return model.generate(
+        input_ids, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+        cache_implementation=cache,
+    )
+
+
+# ---------------------------------------------------------------------------------------- workers
+def tp_worker(rank: int, world_size: int, path: str, input_ids, attention_mask) -> dict:
+    """Load tensor-parallel; logits, greedy tokens with both caches, and what this rank holds."""
+    from torch.distributed.tensor import DTensor
+
+    model = llama_port.LlamaForCausalLM.from_pretrained(path, tp_plan="auto", dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(input_ids, attention_mask=attention_mask).logits
+    held = {}
+    for name, param in model.named_parameters():
+        local = param.to_local() if isinstance(param, DTensor) else param
+        held[name] = dict(
+            distributed=isinstance(param, DTensor), global_numel=param.numel(), local_numel=local.numel(),
+            storage_bytes=local.untyped_storage().nbytes(), local_bytes=local.numel() * local.element_size(),
+            placement=str(param.placements[0]) if isinstance(param, DTensor) else None,
+        )
+    return dict(
+        logits=logits,
+        dynamic=greedy(model, input_ids, attention_mask, "dynamic"),
+        static=greedy(model, input_ids, attention_mask, "static"),
+        held=held,
+        tied=model.lm_head.weight is model.model.embed_tokens.weight,
+        tp_size=model.device_mesh.size(),
+    )
+
+
+def meta_and_refusal_worker(rank: int, world_size: int, meta_folder: str, smollm2: str, input_ids) -> dict:
+    """A Meta 2-shard checkpoint rank-to-rank; SmolLM2 (9/3 heads) refused at this tp size."""
+    from llama_port.checkpoints import open_checkpoint
+
+    source = open_checkpoint(meta_folder)
+    pieces = next(g for i, g in enumerate(source.iter_rank_groups(rank, world_size, lambda name: 0)) if i == 1)
+    model = llama_port.LlamaForCausalLM.from_pretrained(meta_folder, tp_plan="auto", dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(input_ids).logits
+    try:
+        llama_port.LlamaForCausalLM.from_pretrained(smollm2, tp_plan="auto", dtype=torch.float32)
+    except ValueError as err:
+        refusal = str(err)
+    else:
+        refusal = None
+    return dict(
+        logits=logits, refusal=refusal, q_rows=pieces["model.layers.0.self_attn.q_proj.weight"].shape[0],
+        tokens=greedy(model, input_ids, torch.ones_like(input_ids), "static"),
+    )
+
+
+def smollm2_worker(rank: int, world_size: int, path: str, input_ids, attention_mask) -> torch.Tensor:
+    model = llama_port.LlamaForCausalLM.from_pretrained(path, tp_plan="auto", dtype=torch.float32)
+    with torch.no_grad():
+        return model(input_ids, attention_mask=attention_mask).logits
+
+
+# ------------------------------------------------------------------------------------------ tests
+@pytest.fixture(scope="module")
+def tp_checkpoint(tmp_path_factory) -> tuple[Path, object]:
+    """A tiny checkpoint saved by transformers as sharded safetensors, and that transformers model."""
+    hf = make_hf_model(TP_CONFIG, attn_implementation="sdpa")
+    folder = tmp_path_factory.mktemp("tp") / "tiny"
+    hf.save_pretrained(folder, max_shard_size="60KB")
+    assert len(list(folder.glob("*.safetensors"))) > 1
+    return folder, hf
+
+
+@pytest.fixture(scope="module")
+def tp2(tp_checkpoint):
+    folder, hf = tp_checkpoint
+    input_ids, attention_mask = padded_batch(TP_CONFIG["vocab_size"], TP_CONFIG["pad_token_id"])
+    results = run_ranks(tp_worker, 2, str(folder), input_ids, attention_mask, timeout=240)
+    return results, hf, input_ids, attention_mask, folder
+
+
+def test_tp2_logits_match_transformers_single_process(tp2):
+    results, hf, input_ids, attention_mask, _ = tp2
+    with torch.no_grad():
+        reference = hf(input_ids, attention_mask=attention_mask).logits
+    mask = attention_mask.bool()  # padded positions' logits are not compared (either model may differ there)
+    for rank, result in enumerate(results):
+        diff = (result["logits"] - reference)[mask].abs().max().item()
+        assert report_max_diff(f"tp=2 rank {rank} vs transformers, left-padded", diff) <= ATOL
+        assert result["tp_size"] == 2 and result["tied"]
+    assert torch.equal(results[0]["logits"], results[1]["logits"])  # replicated head: identical on every rank
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_tp2_greedy_tokens_equal_one_process(tp2, cache):
+    results, _, input_ids, attention_mask, folder = tp2
+    single = llama_port.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    expected = greedy(single, input_ids, attention_mask, cache)
+    for result in results:
+        assert torch.equal(result[cache], expected)
+
+
+def test_each_rank_holds_half_of_the_decoder_and_only_its_pieces(tp2):
+    results, *_ = tp2
+    for result in results:
+        held = result["held"]
+        decoder = {name: h for name, h in held.items() if ".layers." in name}
+        sharded = {name: h for name, h in decoder.items() if h["placement"] and h["placement"].startswith("Shard")}
+        # q/k/v/gate/up weights and biases, o/down weights: the plan's 7 Linear layers per decoder layer.
+        assert len(sharded) == TP_CONFIG["num_hidden_layers"] * 12
+        for name, h in sharded.items():
+            assert h["local_numel"] * 2 == h["global_numel"], name
+            # A fresh tensor of the piece's own size: no storage of the whole weight was kept.
+            assert h["storage_bytes"] == h["local_bytes"], name
+        local = sum(h["local_numel"] for h in decoder.values())
+        whole = sum(h["global_numel"] for h in decoder.values())
+        print(f"decoder weights held by one rank: {local} of {whole} ({local / whole:.3f})")
+        assert 0.5 <= local / whole < 0.51
+        assert all(not h["distributed"] for name, h in held.items() if ".layers." not in name)  # embedding, norm
+
+
+def test_meta_two_shards_rank_to_rank_and_smollm2_refused_at_tp2(tmp_path, smollm2_gguf):
+    from llama_port.checkpoints.meta import meta_ffn_hidden_dim
+
+    params = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=-1, multiple_of=32, norm_eps=1e-5,
+                  rope_theta=500000.0)
+    hf_config = tiny_config_dict(num_key_value_heads=2, rope_theta=500000.0, max_position_embeddings=8192,
+                                 intermediate_size=meta_ffn_hidden_dim(64, 32, None))
+    hf = make_hf_model(hf_config, seed=5)
+    folder = write_meta_checkpoint(tmp_path / "meta", hf, params, ranks=2)
+    input_ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    results = run_ranks(meta_and_refusal_worker, 2, str(folder), str(smollm2_gguf), input_ids, timeout=240)
+
+    single = llama_port.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        reference = hf(input_ids).logits
+    for rank, result in enumerate(results):
+        assert result["q_rows"] == 64 // 2  # the rank's own file's piece, not the merged weight
+        diff = (result["logits"] - reference).abs().max().item()
+        assert report_max_diff(f"meta 2 shards, tp=2 rank {rank} vs transformers", diff) <= ATOL
+        assert torch.equal(result["tokens"], greedy(single, input_ids, torch.ones_like(input_ids), "static"))
+        refusal = result["refusal"]
+        assert refusal is not None
+        assert "num_attention_heads=9" in refusal and "num_key_value_heads=3" in refusal
+        assert "tensor parallel size 2" in refusal and "[1, 3]" in refusal
+
+
+def test_smollm2_gguf_at_tp3_matches_transformers(smollm2_gguf):
+    from llama_port.checkpoints import load_tokenizer
+    from llama_port.parity import load_reference
+
+    tokenizer = load_tokenizer(smollm2_gguf)
+    tokenizer.padding_side = "left"
+    batch = tokenizer(["The capital of France is", "Hi"], return_tensors="pt", padding=True)
+    results = run_ranks(smollm2_worker, 3, str(smollm2_gguf), batch["input_ids"], batch["attention_mask"], timeout=300)
+    reference = load_reference(smollm2_gguf, "float32")
+    with torch.no_grad():
+        expected = reference(**batch).logits
+    mask = batch["attention_mask"].bool()
+    for rank, logits in enumerate(results):
+        diff = (logits - expected)[mask].abs().max().item()
+        assert report_max_diff(f"SmolLM2 GGUF tp=3 rank {rank} vs transformers", diff) <= 1e-4
+
+
+def test_cli_generate_under_torchrun_prints_once(tmp_path):
+    hf = make_hf_model(tiny_config_dict(), seed=1)
+    folder = tmp_path / "tiny"
+    hf.save_pretrained(folder)
+    write_tiny_tokenizer(folder)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(llama_port.__file__).parent.parent)}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+        "-m", "llama_port", "generate", str(folder), "--tp-plan", "auto", "--prompt", "hello world",
+        "--max-new-tokens", "5", "--threads", "1",
+    ]
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
+    assert run.returncode == 0, run.stderr
+    single = subprocess.run(command[:1] + ["-m", "llama_port"] + command[8:-4] + ["--max-new-tokens", "5", "--threads", "1"],
+                            capture_output=True, text=True, env=env, timeout=240)
+    assert single.returncode == 0, single.stderr
+    print(json.dumps({"tp2": run.stdout, "single": single.stdout}))
+    assert run.stdout == single.stdout and run.stdout.strip()
+    assert run.stderr.count("tokens/s") == 1  # the timing line: rank 0 only
