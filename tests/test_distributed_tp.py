@@ -204,22 +204,27 @@ def test_smollm2_gguf_at_tp3_matches_transformers(smollm2_gguf):
         assert report_max_diff(f"SmolLM2 GGUF tp=3 rank {rank} vs transformers", diff) <= 1e-4
 
 
-def test_cli_generate_under_torchrun_prints_once(tmp_path):
+def test_cli_under_torchrun_prints_once(tmp_path):
+    """generate and parity with --tp-plan auto on 2 ranks: rank 0's output alone, generate's the same
+    text as one process, parity passing."""
     hf = make_hf_model(tiny_config_dict(), seed=1)
     folder = tmp_path / "tiny"
     hf.save_pretrained(folder)
     write_tiny_tokenizer(folder)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(llama_port.__file__).parent.parent)}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
-        "-m", "llama_port", "generate", str(folder), "--tp-plan", "auto", "--prompt", "hello world",
-        "--max-new-tokens", "5", "--threads", "1",
-    ]
-    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
-    assert run.returncode == 0, run.stderr
-    single = subprocess.run(command[:1] + ["-m", "llama_port"] + command[8:-4] + ["--max-new-tokens", "5", "--threads", "1"],
-                            capture_output=True, text=True, env=env, timeout=240)
-    assert single.returncode == 0, single.stderr
-    print(json.dumps({"tp2": run.stdout, "single": single.stdout}))
-    assert run.stdout == single.stdout and run.stdout.strip()
-    assert run.stderr.count("tokens/s") == 1  # the timing line: rank 0 only
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    generate = ["-m", "llama_port", "generate", str(folder), "--prompt", "hello world", "--max-new-tokens", "5",
+                "--threads", "1"]
+
+    def run(command: list[str]) -> subprocess.CompletedProcess:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    single = run([sys.executable, *generate])
+    sharded = run([*torchrun, *generate, "--tp-plan", "auto"])
+    print(json.dumps({"tp2": sharded.stdout, "single": single.stdout}))
+    assert sharded.stdout == single.stdout and sharded.stdout.strip()
+    assert sharded.stderr.count("tokens/s") == 1  # the timing line: rank 0 only
+    parity = run([*torchrun, "-m", "llama_port", "parity", str(folder), "--tp-plan", "auto", "--max-new-tokens", "3"])
+    assert parity.stdout.count("PASS") == 1 and parity.stdout.count("llama_port vs transformers") == 1

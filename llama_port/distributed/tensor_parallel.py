@@ -67,10 +67,10 @@ def check_tp_size(config: Any, tp_size: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------- mesh
-def init_process_group_from_env() -> None:
+def init_process_group_from_env(device_type: str | None = None) -> None:
     """The default process group from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR,
-    MASTER_PORT), when none is initialised yet: nccl when CUDA is available (each process on
-    cuda:LOCAL_RANK), gloo otherwise. ValueError outside torchrun."""
+    MASTER_PORT), when none is initialised yet: nccl for ``device_type`` "cuda" (each process on
+    cuda:LOCAL_RANK), gloo for "cpu"; None: "cuda" when CUDA is available. ValueError outside torchrun."""
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -81,7 +81,11 @@ def init_process_group_from_env() -> None:
             f"tp_plan='auto' needs a torch.distributed launch, but {missing} are not set: run under "
             "torchrun --nproc-per-node N (or initialise the default process group yourself)"
         )
-    if torch.cuda.is_available():
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type not in ("cuda", "cpu"):
+        raise ValueError(f"tensor parallel on device type {device_type!r}; expected 'cuda' (nccl) or 'cpu' (gloo)")
+    if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl")
     else:
