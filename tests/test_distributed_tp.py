@@ -51,12 +51,18 @@ def greedy(model, input_ids, attention_mask, cache: str) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------- workers
 def tp_worker(rank: int, world_size: int, path: str, input_ids, attention_mask) -> dict:
-    """Load tensor-parallel; logits, greedy tokens with both caches, and what this rank holds."""
+    """Load tensor-parallel; logits, greedy tokens with both caches, and what this rank holds. Also
+    the other two ways in: device_mesh=, and parallelize() on a model loaded whole."""
     from torch.distributed.tensor import DTensor
 
+    from llama_port.distributed import parallelize
+
     model = llama_port.LlamaForCausalLM.from_pretrained(path, tp_plan="auto", dtype=torch.float32)
+    with_mesh = llama_port.LlamaForCausalLM.from_pretrained(path, device_mesh=model.device_mesh, dtype=torch.float32)
+    built = parallelize(llama_port.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32), model.device_mesh)
     with torch.no_grad():
         logits = model(input_ids, attention_mask=attention_mask).logits
+        others = [m(input_ids, attention_mask=attention_mask).logits for m in (with_mesh, built)]
     held = {}
     for name, param in model.named_parameters():
         local = param.to_local() if isinstance(param, DTensor) else param
@@ -67,6 +73,8 @@ def tp_worker(rank: int, world_size: int, path: str, input_ids, attention_mask) 
         )
     return dict(
         logits=logits,
+        others_equal=[torch.equal(other, logits) for other in others],
+        built_sharded=isinstance(built.model.layers[0].mlp.down_proj.weight, DTensor),
         dynamic=greedy(model, input_ids, attention_mask, "dynamic"),
         static=greedy(model, input_ids, attention_mask, "static"),
         held=held,
@@ -130,6 +138,7 @@ def test_tp2_logits_match_transformers_single_process(tp2):
         diff = (result["logits"] - reference)[mask].abs().max().item()
         assert report_max_diff(f"tp=2 rank {rank} vs transformers, left-padded", diff) <= ATOL
         assert result["tp_size"] == 2 and result["tied"]
+        assert result["others_equal"] == [True, True] and result["built_sharded"]  # device_mesh=, parallelize()
     assert torch.equal(results[0]["logits"], results[1]["logits"])  # replicated head: identical on every rank
 
 
