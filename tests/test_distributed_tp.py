@@ -56,6 +56,7 @@ def tp_worker(rank: int, world_size: int, path: str, input_ids, attention_mask) 
     from torch.distributed.tensor import DTensor
 
     from llama_port.distributed import parallelize
+    from llama_port.distributed.tensor_parallel import shard_dim
 
     model = llama_port.LlamaForCausalLM.from_pretrained(path, tp_plan="auto", dtype=torch.float32)
     with_mesh = llama_port.LlamaForCausalLM.from_pretrained(path, device_mesh=model.device_mesh, dtype=torch.float32)
@@ -69,7 +70,7 @@ def tp_worker(rank: int, world_size: int, path: str, input_ids, attention_mask) 
         held[name] = dict(
             distributed=isinstance(param, DTensor), global_numel=param.numel(), local_numel=local.numel(),
             storage_bytes=local.untyped_storage().nbytes(), local_bytes=local.numel() * local.element_size(),
-            placement=str(param.placements[0]) if isinstance(param, DTensor) else None,
+            shard_dim=shard_dim(param),
         )
     return dict(
         logits=logits,
@@ -156,9 +157,12 @@ def test_each_rank_holds_half_of_the_decoder_and_only_its_pieces(tp2):
     for result in results:
         held = result["held"]
         decoder = {name: h for name, h in held.items() if ".layers." in name}
-        sharded = {name: h for name, h in decoder.items() if h["placement"] and h["placement"].startswith("Shard")}
+        sharded = {name: h for name, h in decoder.items() if h["shard_dim"] is not None}
         # q/k/v/gate/up weights and biases, o/down weights: the plan's 7 Linear layers per decoder layer.
         assert len(sharded) == TP_CONFIG["num_hidden_layers"] * 12
+        layer = "model.layers.0."
+        assert {held[layer + f"{m}.weight"]["shard_dim"] for m in ("self_attn.q_proj", "mlp.up_proj")} == {0}  # columns
+        assert {held[layer + f"{m}.weight"]["shard_dim"] for m in ("self_attn.o_proj", "mlp.down_proj")} == {1}  # rows
         for name, h in sharded.items():
             assert h["local_numel"] * 2 == h["global_numel"], name
             # A fresh tensor of the piece's own size: no storage of the whole weight was kept.
