@@ -241,3 +241,18 @@ def test_cli_under_torchrun_prints_once(tmp_path):
     assert sharded.stderr.count("tokens/s") == 1  # the timing line: rank 0 only
     parity = run([*torchrun, "-m", "llama_port", "parity", str(folder), "--tp-plan", "auto", "--max-new-tokens", "3"])
     assert parity.stdout.count("PASS") == 1 and parity.stdout.count("llama_port vs transformers") == 1
+
+
+def test_bad_tensor_parallel_arguments_are_refused_before_loading(tp_checkpoint, monkeypatch):
+    from llama_port.distributed import valid_tp_sizes
+
+    folder, _ = tp_checkpoint
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(ValueError, match=r"tp_plan='colwise'; expected one of \['auto'\]"):
+        llama_port.LlamaForCausalLM.from_pretrained(folder, tp_plan="colwise")
+    with pytest.raises(ValueError, match="torchrun --nproc-per-node N"):
+        llama_port.LlamaForCausalLM.from_pretrained(folder, tp_plan="auto")
+    with pytest.raises(ValueError, match="pass neither device= nor device_map="):
+        llama_port.LlamaForCausalLM.from_pretrained(folder, tp_plan="auto", device="cpu")
+    assert valid_tp_sizes(llama_port.LlamaConfig.from_dict(TP_CONFIG)) == [1, 2]
