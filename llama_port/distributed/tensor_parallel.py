@@ -127,8 +127,9 @@ def mesh_device(mesh: Any) -> torch.device:
 
 # ---------------------------------------------------------------------------------- parallelize
 def parallelize(model: nn.Module, mesh: Any) -> nn.Module:
-    """Shard ``model`` (a LlamaForCausalLM or LlamaModel) over the 1-D ``mesh`` by TP_PLAN, in place;
-    returns it, with ``model.device_mesh`` set.
+    """Shard ``model`` (a LlamaForCausalLM or LlamaModel) over ``mesh`` by TP_PLAN, in place;
+    returns it, with ``model.device_mesh`` set (the 1-D mesh used). mesh: as tensor_parallel_mesh's
+    device_mesh (None: every process of the default group).
 
     Planned Linear weights (and column-wise biases) become DTensors holding this rank's 1 / N;
     row-wise biases are replicated DTensors; everything else is untouched (plain, replicated).
