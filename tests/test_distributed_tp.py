@@ -49,6 +49,13 @@ def greedy(model, input_ids, attention_mask, cache: str) -> torch.Tensor:
     )
 
 
+def sampled(model, input_ids, attention_mask) -> torch.Tensor:
+    return model.generate(
+        input_ids, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS, do_sample=True, temperature=1.5,
+        top_k=0, seed=7,
+    )
+
+
 # ---------------------------------------------------------------------------------------- workers
 def tp_worker(rank: int, world_size: int, path: str, input_ids, attention_mask) -> dict:
     """Load tensor-parallel; logits, greedy tokens with both caches, and what this rank holds. Also
@@ -78,6 +85,7 @@ def tp_worker(rank: int, world_size: int, path: str, input_ids, attention_mask) 
         built_sharded=isinstance(built.model.layers[0].mlp.down_proj.weight, DTensor),
         dynamic=greedy(model, input_ids, attention_mask, "dynamic"),
         static=greedy(model, input_ids, attention_mask, "static"),
+        sampled=sampled(model, input_ids, attention_mask),
         held=held,
         tied=model.lm_head.weight is model.model.embed_tokens.weight,
         tp_size=model.device_mesh.size(),
@@ -143,13 +151,17 @@ def test_tp2_logits_match_transformers_single_process(tp2):
     assert torch.equal(results[0]["logits"], results[1]["logits"])  # replicated head: identical on every rank
 
 
-@pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_tp2_greedy_tokens_equal_one_process(tp2, cache):
+@pytest.mark.parametrize("mode", ["dynamic", "static", "sampled"])
+def test_tp2_generated_tokens_equal_one_process(tp2, mode):
+    """Greedy with either cache, and seeded sampling: every rank's tokens are one process's."""
     results, _, input_ids, attention_mask, folder = tp2
     single = llama_port.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    expected = greedy(single, input_ids, attention_mask, cache)
+    if mode == "sampled":
+        expected = sampled(single, input_ids, attention_mask)
+    else:
+        expected = greedy(single, input_ids, attention_mask, mode)
     for result in results:
-        assert torch.equal(result[cache], expected)
+        assert torch.equal(result[mode], expected)
 
 
 def test_each_rank_holds_half_of_the_decoder_and_only_its_pieces(tp2):
@@ -217,7 +229,7 @@ def test_smollm2_gguf_at_tp3_matches_transformers(smollm2_gguf):
         assert report_max_diff(f"SmolLM2 GGUF tp=3 rank {rank} vs transformers", diff) <= 1e-4
 
 
-def test_cli_under_torchrun_prints_once(tmp_path):
+def test_cli_under_torchrun_prints_once(tmp_path, capsys):
     """generate and parity with --tp-plan auto on 2 ranks: rank 0's output alone, generate's the same
     text as one process, parity passing."""
     hf = make_hf_model(tiny_config_dict(), seed=1)
@@ -234,10 +246,13 @@ def test_cli_under_torchrun_prints_once(tmp_path):
         assert done.returncode == 0, done.stderr
         return done
 
-    single = run([sys.executable, *generate])
+    from llama_port.cli import main
+
+    assert main(generate[2:]) == 0  # one process, in this one
+    single = capsys.readouterr().out
     sharded = run([*torchrun, *generate, "--tp-plan", "auto"])
-    print(json.dumps({"tp2": sharded.stdout, "single": single.stdout}))
-    assert sharded.stdout == single.stdout and sharded.stdout.strip()
+    print(json.dumps({"tp2": sharded.stdout, "single": single}))
+    assert sharded.stdout == single and single.strip()
     assert sharded.stderr.count("tokens/s") == 1  # the timing line: rank 0 only
     parity = run([*torchrun, "-m", "llama_port", "parity", str(folder), "--tp-plan", "auto", "--max-new-tokens", "3"])
     assert parity.stdout.count("PASS") == 1 and parity.stdout.count("llama_port vs transformers") == 1
