@@ -68,6 +68,10 @@ def tp_worker(rank: int, world_size: int, path: str, input_ids, attention_mask) 
     model = llama_port.LlamaForCausalLM.from_pretrained(path, tp_plan="auto", dtype=torch.float32)
     with_mesh = llama_port.LlamaForCausalLM.from_pretrained(path, device_mesh=model.device_mesh, dtype=torch.float32)
     built = parallelize(llama_port.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32), model.device_mesh)
+    try:
+        model.save_pretrained(Path(path).parent / f"saved-{rank}")
+    except ValueError as err:
+        save_refusal = str(err)
     with torch.no_grad():
         logits = model(input_ids, attention_mask=attention_mask).logits
         others = [m(input_ids, attention_mask=attention_mask).logits for m in (with_mesh, built)]
@@ -82,6 +86,7 @@ def tp_worker(rank: int, world_size: int, path: str, input_ids, attention_mask) 
     return dict(
         logits=logits,
         others_equal=[torch.equal(other, logits) for other in others],
+        save_refusal=save_refusal,
         built_sharded=isinstance(built.model.layers[0].mlp.down_proj.weight, DTensor),
         dynamic=greedy(model, input_ids, attention_mask, "dynamic"),
         static=greedy(model, input_ids, attention_mask, "static"),
@@ -148,6 +153,7 @@ def test_tp2_logits_match_transformers_single_process(tp2):
         assert report_max_diff(f"tp=2 rank {rank} vs transformers, left-padded", diff) <= ATOL
         assert result["tp_size"] == 2 and result["tied"]
         assert result["others_equal"] == [True, True] and result["built_sharded"]  # device_mesh=, parallelize()
+        assert "cannot save: the model is tensor-parallel" in result["save_refusal"]
     assert torch.equal(results[0]["logits"], results[1]["logits"])  # replicated head: identical on every rank
 
 

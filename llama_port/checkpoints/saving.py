@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..configuration import CONFIG_NAME
+from ..distributed import is_distributed
 from ..dtypes import DTYPES, dtype_name, parse_dtype
 from ..modeling import LlamaForCausalLM
 from .atomic import replace_folder
@@ -100,6 +101,12 @@ def save_pretrained(
         raise ValueError(
             f"cannot save: {len(offloaded)} weights are offloaded (device_map) and not in memory, "
             f"e.g. {offloaded[0]!r}; load without disk offload to save"
+        )
+    pieces = [name for name, t in state.items() if is_distributed(t)]
+    if pieces:
+        raise ValueError(
+            f"cannot save: the model is tensor-parallel ({len(pieces)} weights are DTensors holding one rank's "
+            f"piece, e.g. {pieces[0]!r}); save from a model loaded without tp_plan / device_mesh"
         )
     for alias in tied_aliases(model):
         state.pop(alias, None)  # as transformers: the tied head is not written, the loader re-ties it
