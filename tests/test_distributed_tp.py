@@ -97,8 +97,17 @@ def tp_worker(rank: int, world_size: int, path: str, input_ids, attention_mask) 
     )
 
 
-def meta_and_refusal_worker(rank: int, world_size: int, meta_folder: str, smollm2: str, input_ids) -> dict:
-    """A Meta 2-shard checkpoint rank-to-rank; SmolLM2 (9/3 heads) refused at this tp size."""
+def status_bytes(key: str) -> int:
+    """A /proc/self/status field (VmHWM, VmRSS) in bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+def meta_refusal_memory_worker(
+    rank: int, world_size: int, meta_folder: str, smollm2: str, input_ids, wide_folder: str
+) -> dict:
+    """A Meta 2-shard checkpoint rank-to-rank; SmolLM2 (9/3 heads) refused at this tp size; the
+    peak memory a tensor-parallel load of a wider safetensors checkpoint adds (VmHWM, reset first)."""
     from llama_port.checkpoints import open_checkpoint
 
     source = open_checkpoint(meta_folder)
@@ -106,6 +115,15 @@ def meta_and_refusal_worker(rank: int, world_size: int, meta_folder: str, smollm
     model = llama_port.LlamaForCausalLM.from_pretrained(meta_folder, tp_plan="auto", dtype=torch.float32)
     with torch.no_grad():
         logits = model(input_ids).logits
+    tokens = greedy(model, input_ids, torch.ones_like(input_ids), "static")
+    # Measured after that small load (the imports are paid) and before anything large was freed
+    # (freed memory would be reused without raising the high-water mark).
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS (Linux)
+    before = status_bytes("VmRSS")
+    wide = llama_port.LlamaForCausalLM.from_pretrained(wide_folder, tp_plan="auto", dtype=torch.float32)
+    load_peak = status_bytes("VmHWM") - before
+    held = sum(p.to_local().nbytes if hasattr(p, "to_local") else p.nbytes for p in wide.parameters())
     try:
         llama_port.LlamaForCausalLM.from_pretrained(smollm2, tp_plan="auto", dtype=torch.float32)
     except ValueError as err:
@@ -113,8 +131,8 @@ def meta_and_refusal_worker(rank: int, world_size: int, meta_folder: str, smollm
     else:
         refusal = None
     return dict(
-        logits=logits, refusal=refusal, q_rows=pieces["model.layers.0.self_attn.q_proj.weight"].shape[0],
-        tokens=greedy(model, input_ids, torch.ones_like(input_ids), "static"),
+        load_peak=load_peak, held=held, logits=logits, refusal=refusal, tokens=tokens,
+        q_rows=pieces["model.layers.0.self_attn.q_proj.weight"].shape[0],
     )
 
 
@@ -192,18 +210,30 @@ def test_each_rank_holds_half_of_the_decoder_and_only_its_pieces(tp2):
         assert all(not h["distributed"] for name, h in held.items() if ".layers." not in name)  # embedding, norm
 
 
-def test_meta_two_shards_rank_to_rank_and_smollm2_refused_at_tp2(tmp_path, smollm2_gguf):
+@pytest.fixture(scope="module")
+def tp2_more(tmp_path_factory, smollm2_gguf):
+    """One 2-rank run: a Meta 2-shard checkpoint, SmolLM2's refusal, a wider checkpoint's load peak."""
     from llama_port.checkpoints.meta import meta_ffn_hidden_dim
 
+    root = tmp_path_factory.mktemp("tp_more")
     params = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=-1, multiple_of=32, norm_eps=1e-5,
                   rope_theta=500000.0)
     hf_config = tiny_config_dict(num_key_value_heads=2, rope_theta=500000.0, max_position_embeddings=8192,
                                  intermediate_size=meta_ffn_hidden_dim(64, 32, None))
     hf = make_hf_model(hf_config, seed=5)
-    folder = write_meta_checkpoint(tmp_path / "meta", hf, params, ranks=2)
+    meta = write_meta_checkpoint(root / "meta", hf, params, ranks=2)
+    # 8 layers of hidden 256 / intermediate 1024: 31 MB of fp32 weights, almost all of them split.
+    make_hf_model(tiny_config_dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=8)).save_pretrained(
+        root / "wide"
+    )
     input_ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
-    results = run_ranks(meta_and_refusal_worker, 2, str(folder), str(smollm2_gguf), input_ids, timeout=240)
+    results = run_ranks(meta_refusal_memory_worker, 2, str(meta), str(smollm2_gguf), input_ids, str(root / "wide"),
+                        timeout=240)
+    return results, hf, meta, input_ids, root / "wide" / "model.safetensors"
 
+
+def test_meta_two_shards_load_rank_to_rank(tp2_more):
+    results, hf, folder, input_ids, _ = tp2_more
     single = llama_port.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
     with torch.no_grad():
         reference = hf(input_ids).logits
@@ -212,10 +242,26 @@ def test_meta_two_shards_rank_to_rank_and_smollm2_refused_at_tp2(tmp_path, smoll
         diff = (result["logits"] - reference).abs().max().item()
         assert report_max_diff(f"meta 2 shards, tp=2 rank {rank} vs transformers", diff) <= ATOL
         assert torch.equal(result["tokens"], greedy(single, input_ids, torch.ones_like(input_ids), "static"))
+
+
+def test_smollm2_refused_at_tp2_naming_heads_and_sizes(tp2_more):
+    for result in tp2_more[0]:
         refusal = result["refusal"]
         assert refusal is not None
         assert "num_attention_heads=9" in refusal and "num_key_value_heads=3" in refusal
         assert "tensor parallel size 2" in refusal and "[1, 3]" in refusal
+
+
+def test_load_peak_is_about_the_rank_s_share(tp2_more):
+    """Measured, not inferred: the RSS high-water mark a tp=2 load adds is about what the rank
+    keeps (half the weights), well under the whole checkpoint a full read would touch."""
+    results, *_, weights_file = tp2_more
+    whole = weights_file.stat().st_size
+    for rank, result in enumerate(results):
+        print(f"rank {rank}: load peak {result['load_peak'] / 2**20:.1f} MiB, holds {result['held'] / 2**20:.1f} MiB "
+              f"of a {whole / 2**20:.1f} MiB checkpoint")
+        assert result["held"] < 0.52 * whole
+        assert 0.9 * result["held"] < result["load_peak"] < 0.75 * whole
 
 
 def test_smollm2_gguf_at_tp3_matches_transformers(smollm2_gguf):
