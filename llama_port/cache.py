@@ -83,7 +83,10 @@ class StaticCache:
         max_cache_len: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        num_key_value_heads: int | None = None,
     ) -> None:
+        """num_key_value_heads: the heads this process computes (key_value_heads(model)); default
+        config.num_key_value_heads, which a tensor-parallel model holds 1 / N of."""
         if max_cache_len < 1 or max_batch_size < 1:
             raise ValueError(
                 f"StaticCache: max_batch_size={max_batch_size}, max_cache_len={max_cache_len}; both must be >= 1"
@@ -91,7 +94,8 @@ class StaticCache:
         self.max_batch_size = max_batch_size
         self.max_cache_len = max_cache_len
         self.num_layers = config.num_hidden_layers
-        shape = (max_batch_size, config.num_key_value_heads, max_cache_len, config.head_dim)
+        heads = config.num_key_value_heads if num_key_value_heads is None else num_key_value_heads
+        shape = (max_batch_size, heads, max_cache_len, config.head_dim)
         self.key_cache = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(self.num_layers)]
         self.value_cache = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(self.num_layers)]
         if self.key_cache[0].device.type == "cuda":
@@ -160,3 +164,13 @@ class StaticCache:
 
 
 KVCache = DynamicCache | StaticCache
+
+
+def key_value_heads(model: torch.nn.Module) -> int:
+    """The key/value heads ``model`` computes in this process: k_proj's local output rows / head_dim,
+    i.e. config.num_key_value_heads, or 1 / N of it when k_proj is split N ways by tensor
+    parallelism (its weight a DTensor holding this rank's rows). The one place a cache learns it."""
+    attention = model.get_decoder().layers[0].self_attn
+    weight = attention.k_proj.weight
+    local = weight.to_local() if hasattr(weight, "to_local") else weight  # (Hkv / N * D, C) under TP
+    return local.shape[0] // attention.head_dim

@@ -26,8 +26,8 @@ LAYERS = [
     ["llama_port.pretrained"],
     ["llama_port.modeling"],
     ["llama_port"],  # the public API (__init__.py)
-    ["llama_port.checkpoints"],
     ["llama_port.distributed"],
+    ["llama_port.checkpoints"],
     ["llama_port.parity"],
     ["llama_port.cli", "llama_port.__main__"],
 ]

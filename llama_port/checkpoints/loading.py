@@ -11,6 +11,15 @@ leaves no model behind.
 ``device_map="auto"`` (and "balanced", "balanced_low_0", "sequential", or a dict) goes through
 accelerate: infer_auto_device_map with decoder layers never split, weights for "disk" written to
 ``offload_folder`` as they stream by, then dispatch_model.
+
+``tp_plan="auto"`` / ``device_mesh=`` load tensor-parallel (llama_port.distributed): the head counts
+are checked against the mesh before anything is read, the meta model is sharded by the plan, and
+each rank copies only its rows or columns of every sharded weight into its DTensor's local piece.
+From safetensors that piece is all that is read: the reader's tensors are views of the file's
+memory map (what ``safe_open(...).get_slice`` reads from too), and narrowing one copies its bytes
+only. Meta files whose model-parallel count equals the mesh size give each rank its own file's piece
+(see meta.py). GGUF (quantized blocks span rows) and .bin (torch.load) yield whole tensors, each
+narrowed as it streams by, so one whole weight is in memory at a time.
 """
 
 from __future__ import annotations
@@ -30,6 +39,16 @@ from torch.overrides import TorchFunctionMode
 
 from ..attention import default_attn_implementation, get_backend
 from ..configuration import as_llama_config
+from ..distributed.tensor_parallel import (
+    accepted_shapes,
+    check_tp_size,
+    is_distributed,
+    local_parameter,
+    mesh_device,
+    parallelize,
+    shard_dim,
+    tensor_parallel_mesh,
+)
 from ..dtypes import DTYPES, STORED_DTYPES, dtype_name, parse_dtype
 from ..generation import GENERATION_CONFIG_NAME, GenerationConfig
 from ..modeling import LlamaRotaryEmbedding
@@ -75,6 +94,8 @@ def load_pretrained(
     quantization_config: Any = None,
     low_cpu_mem_usage: bool | None = None,
     trust_remote_code: bool | None = None,
+    tp_plan: str | None = None,
+    device_mesh: Any = None,
 ):
     """Load a checkpoint: a local folder or file (Hub format, Meta consolidated.*.pth, .gguf) or a Hub repo id.
 
@@ -95,6 +116,12 @@ def load_pretrained(
     low_cpu_mem_usage: accepted and ignored: loading is always lean (weights are built on the meta
         device and filled one group at a time). trust_remote_code: accepted and ignored: no
         checkpoint code is ever run.
+    tp_plan: "auto" loads tensor-parallel over every process of the default group (initialised
+        from torchrun's environment when it is not: nccl on CUDA, gloo otherwise), each process
+        reading only its slices; device_mesh: the 1-D DeviceMesh (or one with a "tp" dimension) to
+        shard over instead (implies tp_plan="auto"). Weights go to the mesh's device (CUDA: the
+        current device); ``device`` and ``device_map`` are refused with it. ValueError naming the
+        head counts and the sizes that work when the mesh size does not split the model.
 
     Returns the model in eval mode, its ``name_or_path`` set to what was passed. Raises the errors
     of llama_port.checkpoints.errors.
@@ -107,6 +134,15 @@ def load_pretrained(
     requested_dtype = parse_dtype(dtype, torch_dtype)
     if device is not None and device_map is not None:
         raise ValueError(f"pass device= or device_map=, not both (got device={device!r}, device_map={device_map!r})")
+    mesh = None
+    if tp_plan is not None or device_mesh is not None:
+        if device is not None or device_map is not None:
+            raise ValueError(
+                f"tp_plan={tp_plan!r} / device_mesh= place the weights on the mesh's devices; "
+                f"pass neither device= nor device_map= with them (got device={device!r}, device_map={device_map!r})"
+            )
+        mesh = tensor_parallel_mesh(tp_plan, device_mesh)
+        device = mesh_device(mesh)
     backend = get_backend(attn_implementation) if attn_implementation is not None else None  # bad names fail first
 
     if isinstance(name_or_path, CheckpointSource):
@@ -124,12 +160,17 @@ def load_pretrained(
     # A backend that checks the device it runs on (flash) is selected once the weights are on it:
     # on the meta device its check could only fail.
     build_attn = attn_implementation if backend is None or backend.check_available is None else None
-    model = build_meta_model(cls, source.config if config is None else as_llama_config(config), target_dtype, build_attn)
+    model_config = source.config if config is None else as_llama_config(config)
+    if mesh is not None:
+        check_tp_size(model_config, mesh.size())  # before anything is built or read
+    model = build_meta_model(cls, model_config, target_dtype, build_attn)
     placement = plan_placement(model, target_dtype, device, device_map, max_memory, offload_folder)
+    if mesh is not None:
+        parallelize(model, mesh)  # meta DTensors: each knows its rank's shape
 
     params = dict(model.named_parameters())  # the meta parameters, each shared one once
     aliases = tied_aliases(model)
-    loaded, unexpected, heads = _load_tensors(model, params, aliases, source, placement, progress)
+    loaded, unexpected, heads = _load_tensors(model, params, aliases, source, placement, progress, mesh)
     _settle_tied_heads(model, params, aliases, heads, loaded, placement, source)
     _check_keys(model, params, source, loaded, unexpected, strict, placement)
     _materialize_buffers(model, placement)
@@ -302,13 +343,20 @@ def _load_tensors(
     source: CheckpointSource,
     placement: Placement,
     progress: bool | None,
+    mesh: Any = None,
 ) -> tuple[set[str], list[str], dict[str, Tensor]]:
     """Place every checkpoint tensor. Returns the parameter names loaded, the unexpected
-    checkpoint names, and the tensors found under a tied alias (a tied head saved anyway)."""
+    checkpoint names, and the tensors found under a tied alias (a tied head saved anyway).
+
+    mesh: a tensor-parallel load's; a source that can yield a rank's pieces (iter_rank_groups) does."""
     loaded: set[str] = set()
     unexpected: list[str] = []
     heads: dict[str, Tensor] = {}
-    for name, target, tensor in iter_parameter_tensors(source, params, aliases, unexpected, "loading", progress):
+    groups = source.iter_groups
+    if mesh is not None and source.iter_rank_groups is not None:
+        dims = {name: shard_dim(param) for name, param in params.items()}
+        groups = lambda: source.iter_rank_groups(mesh.get_local_rank(), mesh.size(), dims.get)  # noqa: E731
+    for name, target, tensor in iter_parameter_tensors(source, params, aliases, unexpected, "loading", progress, groups):
         if name in aliases:
             heads[name] = tensor  # settled once the embedding it is tied to is in place
             continue
@@ -324,6 +372,7 @@ def iter_parameter_tensors(
     unexpected: list[str],
     verb: str,
     progress: bool | None,
+    groups: Callable[[], Iterator[dict[str, Tensor]]] | None = None,
 ) -> Iterator[tuple[str, str, Tensor]]:
     """Every checkpoint tensor that maps to one of ``params``, as (our name, the parameter it fills,
     tensor), checked before anything is placed: its shape against the parameter's
@@ -333,12 +382,14 @@ def iter_parameter_tensors(
 
     Checkpoint names that map to no parameter are appended to ``unexpected``; names mapped to None
     (buffers recomputed from the config) are skipped. ``aliases`` maps a tied name (lm_head.weight)
-    to the parameter it shares. Drives a progress bar over the source's groups."""
+    to the parameter it shares. Drives a progress bar over the source's groups: ``groups``, default
+    ``source.iter_groups`` (a tensor-parallel load may pass ``source.iter_rank_groups``; a DTensor
+    parameter takes its whole shape or its rank's local one)."""
     rename = _name_mapper(set(params) | set(aliases))
     spelled: dict[str, str] = {}  # our name -> the checkpoint name that filled it
     bar = progress_bar(source.num_groups, f"{verb} {source.root.name or source.root}", progress)
     try:
-        for group in source.iter_groups():
+        for group in (groups or source.iter_groups)():
             for checkpoint_name, tensor in group.items():
                 name = rename(checkpoint_name)
                 if name is None:
@@ -359,7 +410,7 @@ def iter_parameter_tensors(
                         f"{dtype_name(tensor.dtype)}; weights must be floating: "
                         f"{sorted(dtype_name(d) for d in STORED_DTYPES)}"
                     )
-                if tuple(tensor.shape) != tuple(params[target].shape):
+                if tuple(tensor.shape) not in accepted_shapes(params[target]):
                     raise ShapeMismatchError(
                         f"{source.file_of(checkpoint_name)}: tensor {checkpoint_name!r} has shape "
                         f"{tuple(tensor.shape)}, but the config ({_config_summary(source.config)}) "
@@ -386,6 +437,10 @@ def _place(
 
     ``owns``: the source lets ``tensor`` become the parameter itself (see CheckpointSource.owns_tensors)."""
     device = placement.device_for(name)
+    if is_distributed(param):  # tensor parallel: this rank's piece only
+        value = local_parameter(param, tensor, device)
+        _set_parameter(model, name, nn.Parameter(value, requires_grad=param.requires_grad))
+        return
     if device == "disk":
         from accelerate.utils import offload_weight
 

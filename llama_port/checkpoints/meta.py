@@ -12,7 +12,8 @@ params.json has no context length, token ids or FFN size; they are derived as do
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -115,11 +116,14 @@ def read_meta_checkpoint(folder: str | Path) -> CheckpointSource:
     _check_against_tensors(config, params, shards, root / PARAMS_NAME)
     del shards  # iter_groups opens its own maps, so the source can be iterated more than once
 
-    def iter_groups() -> Iterator[dict[str, Tensor]]:
+    def iter_groups(local: _RankPieces | None = None) -> Iterator[dict[str, Tensor]]:
         open_shards = _open_shards(files)
-        yield _merge_group(open_shards, _non_layer_names(), config, files)
+        yield _merge_group(open_shards, _non_layer_names(), config, files, local)
         for i in range(config.num_hidden_layers):
-            yield _merge_group(open_shards, _layer_names(i), config, files)
+            yield _merge_group(open_shards, _layer_names(i), config, files, local)
+
+    def iter_rank_groups(rank: int, world_size: int, shard_dim: Callable[[str], int | None]) -> Iterator[dict[str, Tensor]]:
+        return iter_groups(_RankPieces(rank, world_size, shard_dim))
 
     return CheckpointSource(
         format="meta",
@@ -133,6 +137,7 @@ def read_meta_checkpoint(folder: str | Path) -> CheckpointSource:
         # With several ranks every tensor comes from all files, so only a single file is named.
         tensor_files={map_name(n, HF_FROM_META): files[0] for n in _all_names(config)} if len(files) == 1 else {},
         owns_tensors=False,  # single-rank tensors that need no permutation are views of the memory map
+        iter_rank_groups=iter_rank_groups,
     )
 
 
@@ -341,16 +346,40 @@ def _all_names(config: LlamaConfig) -> list[str]:
     return _non_layer_names() + [name for i in range(config.num_hidden_layers) for name in _layer_names(i)]
 
 
+@dataclass(frozen=True)
+class _RankPieces:
+    """One rank of a tensor-parallel load (CheckpointSource.iter_rank_groups): its index, the mesh
+    size, and the dimension the load splits each transformers-named parameter along (None: whole)."""
+
+    rank: int
+    world_size: int
+    shard_dim: Callable[[str], int | None]
+
+    def takes_own_piece(self, name: str, hf_name: str, num_files: int) -> bool:
+        """Whether Meta tensor ``name`` can come from this rank's file alone: one file per rank, and
+        the load splits it along the dimension Meta's fairscale layer did (q/k/v/w1/w3 rows, wo/w2
+        columns; the embedding and head are replicated by the load, so they are merged)."""
+        split = META_SHARD_DIM[template_of(name, HF_FROM_META)]
+        return num_files == self.world_size > 1 and split is not None and self.shard_dim(hf_name) == split
+
+
 def _merge_group(
-    shards: list[dict[str, Tensor]], names: list[str], config: LlamaConfig, files: list[Path]
+    shards: list[dict[str, Tensor]], names: list[str], config: LlamaConfig, files: list[Path],
+    local: _RankPieces | None = None,
 ) -> dict[str, Tensor]:
-    """{transformers name: tensor} for Meta ``names``, each merged across ranks and re-laid-out."""
+    """{transformers name: tensor} for Meta ``names``, each merged across ranks and re-laid-out;
+    with ``local``, a tensor split as the load splits it is this rank's file's piece alone."""
     group = {}
     for name in names:
-        pieces = [_tensor(shard, name, path) for shard, path in zip(shards, files)]
-        tensor = _merge_shards(name, pieces, config, files[0])
         hf_name = map_name(name, HF_FROM_META, source=str(files[0]))
-        group[hf_name] = _to_transformers_layout(name, tensor, config, files[0])
+        if local is not None and local.takes_own_piece(name, hf_name, len(files)):
+            path = files[local.rank]
+            tensor, parts = _tensor(shards[local.rank], name, path), local.world_size
+        else:
+            pieces = [_tensor(shard, name, p) for shard, p in zip(shards, files)]
+            path, parts = files[0], 1
+            tensor = _merge_shards(name, pieces, config, path)
+        group[hf_name] = _to_transformers_layout(name, tensor, config, path, parts)
     return group
 
 
@@ -370,15 +399,20 @@ def _merge_shards(name: str, pieces: list[Tensor], config: LlamaConfig, path: Pa
     return torch.cat(pieces, dim=split_dim)
 
 
-def _to_transformers_layout(name: str, tensor: Tensor, config: LlamaConfig, path: Path) -> Tensor:
-    """Reorder wq/wk rows from Meta's interleaved rotary pairs to transformers' half-split heads."""
+def _to_transformers_layout(name: str, tensor: Tensor, config: LlamaConfig, path: Path, parts: int = 1) -> Tensor:
+    """Reorder wq/wk rows from Meta's interleaved rotary pairs to transformers' half-split heads.
+
+    parts: how many model-parallel pieces the heads are split into (``tensor`` is one of them).
+    The permutation moves rows within a head only, and a piece holds whole heads (rank r's file
+    holds heads r * H / parts .. (r + 1) * H / parts - 1, in order), so permuting a piece's H / parts
+    heads gives exactly rows r * H * D / parts .. of the permuted whole: rank-to-rank loading is exact."""
     if name.endswith("attention.wq.weight"):
         heads = config.num_attention_heads
     elif name.endswith("attention.wk.weight"):
         heads = config.num_key_value_heads  # under GQA each key head is permuted on its own
     else:
         return tensor
-    return interleaved_to_half_split(tensor, heads, config.head_dim, f"{path}: {name}")
+    return interleaved_to_half_split(tensor, heads // parts, config.head_dim, f"{path}: {name}")
 
 
 __all__ = [

@@ -26,7 +26,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import warnings
 from collections.abc import Iterable
@@ -36,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ..configuration import CONFIG_NAME
+from ..distributed.tensor_parallel import is_distributed
 from ..dtypes import DTYPES, dtype_name, parse_dtype
 from ..modeling import LlamaForCausalLM
 from .atomic import replace_folder
@@ -154,8 +154,7 @@ def save_pretrained(
 def holds_dtensors(tensors: Iterable[Tensor]) -> bool:
     """Whether any of ``tensors`` is a torch.distributed DTensor (none can exist, and nothing is
     imported, while torch.distributed.tensor was never imported)."""
-    dtensor = sys.modules.get("torch.distributed.tensor")
-    return dtensor is not None and any(isinstance(t, dtensor.DTensor) for t in tensors)
+    return any(is_distributed(t) for t in tensors)
 
 
 def push_to_hub(

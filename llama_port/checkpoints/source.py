@@ -28,6 +28,10 @@ class CheckpointSource:
     dtype: the checkpoint's own floating dtype (what dtype="auto" loads as).
     tokenizer_files: files to copy next to a converted checkpoint (tokenizer.json, ...).
     tensor_files: transformers name -> the file holding it, where the reader knows (error messages).
+    iter_rank_groups: None, or ``iter_rank_groups(rank, world_size, shard_dim)``, iter_groups for
+        one rank of a tensor-parallel load: a tensor stored split the way the load splits it
+        (``shard_dim(name)``: the dimension, None when replicated) comes as that rank's piece alone,
+        the rest whole. Meta's consolidated.*.pth files, one per model-parallel rank, have it.
     owns_tensors: True when the loader may keep the yielded tensors as the model's parameters
         instead of copying them: each is contiguous and referenced nowhere else, either freshly
         made or a view of a private (copy-on-write) memory map of a file that is only ever replaced,
@@ -44,6 +48,7 @@ class CheckpointSource:
     tokenizer_files: list[Path] = field(default_factory=list)
     tensor_files: dict[str, Path] = field(default_factory=dict)
     owns_tensors: bool = False
+    iter_rank_groups: Callable[[int, int, Callable[[str], int | None]], Iterator[dict[str, Tensor]]] | None = None
 
     @property
     def location(self) -> Path:

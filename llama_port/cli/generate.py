@@ -12,7 +12,18 @@ from torch import Tensor
 
 from ..checkpoints import load_tokenizer
 from ..generation import CACHE_IMPLEMENTATIONS, TextStreamPrinter, eos_token_ids
-from .common import UsageError, add_checkpoint_argument, add_dtype_argument, add_threads_argument, load_model, open_source, set_threads
+from .common import (
+    UsageError,
+    add_checkpoint_argument,
+    add_dtype_argument,
+    add_threads_argument,
+    add_tp_plan_argument,
+    is_lead_process,
+    load_model,
+    open_source,
+    set_threads,
+    shared_seed,
+)
 
 NAME = "generate"
 HELP = "stream text from a checkpoint"
@@ -36,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", choices=CACHE_IMPLEMENTATIONS, default="static",
                         help="KV cache: static (preallocated, the fast path; default) or dynamic")
     parser.add_argument("--compile", action="store_true", help="torch.compile the single-token decode step")
+    add_tp_plan_argument(parser)
     add_threads_argument(parser)
 
 
@@ -58,13 +70,14 @@ def encode_prompt(tokenizer: Any, prompt: str, chat: bool) -> Tensor:
 def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     source = open_source(args.checkpoint)
-    model = load_model(source, args.dtype, args.device)
+    model = load_model(source, args.dtype, args.device, tp_plan=args.tp_plan)
     tokenizer = load_tokenizer(source)
     if tokenizer is None:
         raise UsageError(f"{source.root} has no tokenizer; generate needs one to turn --prompt into ids")
     input_ids = encode_prompt(tokenizer, args.prompt, args.chat).to(model.device)
     do_sample = args.temperature > 0
-    if args.compile:
+    lead = is_lead_process()  # under --tp-plan every rank generates the same tokens; rank 0 reports them
+    if args.compile and lead:
         print("compiling the decode step (the first call takes a minute or so on CPU)", file=sys.stderr)
     printer = TextStreamPrinter(tokenizer)
     start = time.perf_counter()
@@ -79,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         eos_token_id=eos_token_ids(model.config.eos_token_id, tokenizer.eos_token_id),
         cache_implementation=args.cache,
         streamer=printer,
-        seed=args.seed,
+        seed=shared_seed(args.seed) if do_sample else args.seed,
         compile=args.compile,
     )
     elapsed = time.perf_counter() - start
@@ -89,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
     compiling = ""
     if args.compile and len(printer.times) > 1:
         compiling = f", compiling {printer.times[1] - printer.times[0]:.1f} s"
+    if not lead:
+        return 0
     print(
         f"{new_tokens} tokens in {elapsed:.2f} s: {printer.decode_tokens_per_s(skip):.1f} tokens/s decoding "
         f"(prompt {input_ids.shape[1]} tokens, {torch.get_num_threads()} threads{compiling})",

@@ -1,5 +1,7 @@
 """``llama-port parity``: load a checkpoint into llama_port and into transformers' own loader, run
 llama_port.parity.compare on prompts plus a random left-padded batch, print and write the report.
+Under torchrun, ``--tp-plan auto`` compares our tensor-parallel model (every rank) with
+transformers' whole model loaded single-process on each rank; rank 0 prints and writes the report.
 ``--stream`` (automatic when the two whole models would not fit in memory) compares one decoder
 layer at a time (parity.compare_streaming); ``--against B`` compares the checkpoint with another
 checkpoint of the same model in another format (parity.compare_checkpoints).
@@ -27,6 +29,7 @@ from torch import Tensor
 
 from ..attention import BACKENDS, get_backend
 from ..checkpoints import CheckpointSource
+from ..distributed import init_process_group_from_env
 from ..dtypes import LOW_PRECISION_DTYPES
 from ..parity import (
     DEFAULT_PROMPTS,
@@ -44,7 +47,7 @@ from ..parity import (
     print_report,
     write_plot,
 )
-from .common import add_checkpoint_argument, add_dtype_argument, load_model, open_source
+from .common import add_checkpoint_argument, add_dtype_argument, add_tp_plan_argument, is_lead_process, load_model, open_source
 
 NAME = "parity"
 HELP = "compare llama_port with transformers on a checkpoint, layer by layer"
@@ -86,17 +89,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, metavar="PATH|-", help="write the report as JSON ('-': stdout)")
     parser.add_argument("--plot", default=None, metavar="PATH", help="write a PNG of per-layer divergence")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    add_tp_plan_argument(parser)  # the reference is loaded whole, single-process, on every rank
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     _check_args(args)
+    if args.tp_plan is not None:
+        init_process_group_from_env(torch.device(args.device).type)  # now, so only rank 0 shows progress
     json_to_stdout = args.json == "-"
     # With --json -, stdout carries the JSON alone: the table and progress go to stderr.
     out = Console(file=sys.stderr if json_to_stdout else sys.stdout, highlight=False)
     err_console = Console(file=sys.stderr, highlight=False)
-    show_progress = not args.quiet and sys.stderr.isatty()
+    show_progress = not args.quiet and sys.stderr.isatty() and is_lead_process()
     started = time.perf_counter()
 
     with _Progress(err_console, show_progress) as progress, tempfile.TemporaryDirectory() as tmp:
@@ -118,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
     report.timings = progress.timings | report.timings
     _add_notes(args, report, source, batch)
 
+    if not is_lead_process():  # --tp-plan: every rank compared the same; rank 0 reports
+        return 0 if report.passed else 1
     print_report(report, out, elapsed=time.perf_counter() - started)
     if args.json == "-":
         sys.stdout.write(report.to_json() + "\n")
@@ -167,7 +175,7 @@ def _whole(args: argparse.Namespace, source: CheckpointSource, progress: _Progre
     """Both whole models in memory: transformers' (and its float32 yardstick) and ours."""
     reference, reference_fp32, tokenizer = _reference_side(args, source, progress, tmp, load_reference, "loading")
     progress.step("ours", f"loading llama_port ({args.dtype}, {args.attn})")
-    ours = load_model(source, args.dtype, args.device, args.attn)
+    ours = load_model(source, args.dtype, args.device, args.attn, args.tp_plan)
     batch = _batch(args, tokenizer, ours.config)
     progress.step(None, f"comparing on {_shape(batch)}, then {args.max_new_tokens} greedy tokens")
     report = compare(
@@ -263,6 +271,11 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--prompt: empty prompt text")
     if args.plot == "-":
         raise ValueError("--plot needs a file path (a PNG), not '-'")
+    if args.tp_plan is not None and (args.stream or args.against is not None):
+        raise ValueError(
+            "--tp-plan compares whole models (each rank: transformers' whole model against its shard of ours); "
+            "it does not combine with --stream or --against"
+        )
     for flag in ("json", "plot"):
         value = getattr(args, flag)
         if value and value != "-":
@@ -289,6 +302,8 @@ def _streamed(args: argparse.Namespace, config: Any, console: Any) -> bool:
         raise ValueError(
             f"--seq-len {args.seq_len} exceeds the checkpoint's max_position_embeddings={config.max_position_embeddings}"
         )
+    if args.tp_plan is not None:
+        return False  # whole models only (see _check_args)
     rows = args.batch + len(args.prompt or DEFAULT_PROMPTS)
     models = 3 if args.dtype in LOW_PRECISION_DTYPES and args.against is None else 2
     whole = _parity_bytes(config, rows, args.seq_len, models, streamed=False)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..cache import DynamicCache, StaticCache
+from ..cache import DynamicCache, StaticCache, key_value_heads
 from ..rope import ROPE_TYPES
 from .compile import COMPILED_CACHE_LEN_MULTIPLE, compiled_decode_step
 from .config import DEFAULTS, UNSUPPORTED, GenerationConfig, as_generation_config
@@ -334,7 +334,7 @@ def start_decoding(
         cache_len = prompt_length + max_new_tokens
         if compile:
             cache_len = -(-cache_len // COMPILED_CACHE_LEN_MULTIPLE) * COMPILED_CACHE_LEN_MULTIPLE
-        cache = StaticCache(model.config, batch, cache_len, input_ids.device, model.dtype)
+        cache = StaticCache(model.config, batch, cache_len, input_ids.device, model.dtype, key_value_heads(model))
         logits, next_position = prefill(model, input_ids, attention_mask, cache)
         step = compiled_decode_step(input_ids.device.type) if compile else decode_step
         return logits, StaticDecoder(model, cache, attention_mask, next_position, step, compiled=compile)

@@ -481,7 +481,10 @@ def weights_sha256(model: nn.Module) -> str:
     digest = hashlib.sha256()
     state = model.state_dict()
     for name in sorted(state):
-        tensor = state[name].detach().to("cpu").contiguous()
+        tensor = state[name].detach()
+        if hasattr(tensor, "full_tensor"):  # a tensor-parallel DTensor: the whole weight, as one process holds it
+            tensor = tensor.full_tensor()
+        tensor = tensor.to("cpu").contiguous()
         digest.update(name.encode())
         digest.update(tensor.view(-1).view(torch.uint8).numpy())  # raw bytes, any dtype
     return digest.hexdigest()
