@@ -40,12 +40,13 @@ def open_source(checkpoint: str | None) -> CheckpointSource:
     return open_checkpoint(default_checkpoint() if checkpoint is None else checkpoint)
 
 
-def load_model(source: CheckpointSource, dtype: str, device: str, attn: str | None = None) -> Any:
-    """llama_port's LlamaForCausalLM for ``source``, read by llama_port's own loader, in eval mode."""
+def load_model(source: CheckpointSource, dtype: str, device: str, attn: str | None = None, quantize: str | None = None) -> Any:
+    """llama_port's LlamaForCausalLM for ``source``, read by llama_port's own loader, in eval mode
+    (``quantize``: from_pretrained's, e.g. "int8")."""
     from ..modeling import LlamaForCausalLM
 
     return LlamaForCausalLM.from_pretrained(
-        source, dtype=DTYPES[dtype], device=device, attn_implementation=attn, progress=False
+        source, dtype=DTYPES[dtype], device=device, attn_implementation=attn, progress=False, quantize=quantize
     ).eval()
 
 
