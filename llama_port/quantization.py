@@ -15,8 +15,9 @@ which is what bounds decoding). On the CPU its vectorised (AVX512) path takes bf
 inputs only: float32 inputs run a scalar loop, measured 15x slower than the bfloat16 path and 3x
 slower than an fp32 matmul. So a float32 model's projections take their input rounded to bfloat16
 and return float32 (accumulation inside the kernel is float32); everything between them
-(norms, attention, residuals, softmax) stays float32. Past ``KERNEL_MAX_ROWS`` rows (a long
-prefill) that kernel is slower than a dense matmul, so the weight is dequantized to the same
+(norms, attention, residuals, softmax) stays float32. The kernel's cost grows faster than its rows
+past 4 (measured: 8 rows cost 4x what 4 do), so up to ``KERNEL_MAX_ROWS`` rows go through it in
+blocks of ``KERNEL_BLOCK_ROWS``; past that (a long prefill) the weight is dequantized to the same
 bfloat16 and multiplied densely: the same inputs, rounded alike, one rounding of q * scale more.
 
 Inference only: the kernel has no derivative, so a forward whose input requires grad raises.
@@ -38,7 +39,8 @@ QUANT_METHOD = "llama_port"  # config.json's quantization_config["quant_method"]
 QUANTIZATION_CONFIG = {"quant_method": QUANT_METHOD, "bits": 8, "group": "per_channel", "symmetric": True}
 QMAX = 127  # symmetric: -128 is never used, so q and -q are both representable
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)  # the int8 kernel's vectorised input dtypes
-KERNEL_MAX_ROWS = 32  # above this many rows a dequantized dense matmul is faster (measured, 2 cores)
+KERNEL_BLOCK_ROWS = 4  # rows per kernel call: its cost per row is flat up to 4, then grows
+KERNEL_MAX_ROWS = 32  # above this many rows a dequantized dense matmul is faster (measured, 1 core)
 
 
 class Int8Linear(nn.Module):
@@ -95,7 +97,9 @@ class Int8Linear(nn.Module):
         kernel_dtype = x.dtype if x.dtype in KERNEL_DTYPES else torch.bfloat16
         rows = x.reshape(-1, self.in_features).to(kernel_dtype).contiguous()  # (M, K): the kernel takes 2-D rows
         if rows.shape[0] <= KERNEL_MAX_ROWS and rows.device.type == "cpu":
-            out = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.weight_scale.to(kernel_dtype))  # (M, N)
+            scale = self.weight_scale.to(kernel_dtype)
+            blocks = [torch.ops.aten._weight_int8pack_mm(block, self.weight, scale) for block in rows.split(KERNEL_BLOCK_ROWS)]
+            out = blocks[0] if len(blocks) == 1 else torch.cat(blocks)  # (M, N)
         else:  # a long prefill, or a device without the kernel: dequantize and multiply densely
             out = F.linear(rows, self.dequantized_weight(kernel_dtype))  # (M, N)
         out = out.to(x.dtype).view(*x.shape[:-1], self.out_features)  # (..., N)

@@ -71,7 +71,7 @@ def test_all_zero_row_and_module_contract():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 3, KERNEL_MAX_ROWS + 5])  # the int8 kernel, then the dense path
+@pytest.mark.parametrize("rows", [1, 3, 6, KERNEL_MAX_ROWS + 5])  # the kernel, in 2 blocks, the dense path
 def test_int8_linear_equals_the_dequantized_forward(dtype, rows):
     """Against F.linear with the dequantized weight in float32 on the same (bfloat16-rounded) input:
     what is left is the output's one rounding to bfloat16 (relative 2^-8) and summation order."""
