@@ -6,7 +6,8 @@
 ``scale[n] = max_k |W[n, k]| / 127`` (symmetric, no zero point) and
 ``q[n, k] = round(W[n, k] / scale[n])`` in [-127, 127], so ``q * scale`` is within half a step
 (``scale[n] / 2``) of W everywhere. A state dict then reads ``...q_proj.weight`` (int8 (N, K)) and
-``...q_proj.weight_scale`` ((N,), the model's dtype), which is what save_pretrained writes and
+``...q_proj.weight_scale`` ((N,), in the kernel's input dtype: bfloat16 for a float32 or bfloat16
+model, float16 for a float16 one), which is what save_pretrained writes and
 from_pretrained reads back (``quantization_config`` in config.json, ``QUANTIZATION_CONFIG`` below).
 
 The matmul is PyTorch's weight-only int8 kernel, ``torch.ops.aten._weight_int8pack_mm(x (M, K),
@@ -14,8 +15,9 @@ q (N, K), scale (N,)) -> (M, N)``: it reads one byte per weight (a quarter of fp
 which is what bounds decoding). On the CPU its vectorised (AVX512) path takes bfloat16 or float16
 inputs only: float32 inputs run a scalar loop, measured 15x slower than the bfloat16 path and 3x
 slower than an fp32 matmul. So a float32 model's projections take their input rounded to bfloat16
-and return float32 (accumulation inside the kernel is float32); everything between them
-(norms, attention, residuals, softmax) stays float32. The kernel's cost grows faster than its rows
+and return float32 (accumulation inside the kernel is float32), and the scales are kept in
+bfloat16, the dtype the kernel takes them in (no cast per call); everything between them (norms,
+attention, residuals, softmax) stays float32. The kernel's cost grows faster than its rows
 past 4 (measured: 8 rows cost 4x what 4 do), so up to ``KERNEL_MAX_ROWS`` rows go through it in
 blocks of ``KERNEL_BLOCK_ROWS``; past that (a long prefill) the weight is dequantized to the same
 bfloat16 and multiplied densely: the same inputs, rounded alike, one rounding of q * scale more.
@@ -46,8 +48,8 @@ KERNEL_MAX_ROWS = 32  # above this many rows a dequantized dense matmul is faste
 class Int8Linear(nn.Module):
     """y = x @ (q * scale[:, None]).T + bias, with q int8 (N, K) and scale (N,) per output channel.
 
-    ``weight`` (int8, N = out_features, K = in_features) and ``weight_scale`` (the model's floating
-    dtype) are parameters that never require grad, so the loader fills them by name as it fills
+    ``weight`` (int8, N = out_features, K = in_features) and ``weight_scale`` (``kernel_dtype`` of
+    the model's dtype) are parameters that never require grad, so the loader fills them by name as it fills
     any weight and ``model.to(dtype)`` casts the scales (never the int8 weight). ``bias`` as
     nn.Linear's. Build one with ``from_linear`` (quantizes a filled nn.Linear) or ``like`` (empty,
     on the linear's device: the structure a saved int8 checkpoint is loaded into).
@@ -60,7 +62,8 @@ class Int8Linear(nn.Module):
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8, device=device),
                                    requires_grad=False)  # fmt: skip
-        self.weight_scale = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.empty(out_features, dtype=kernel_dtype(dtype), device=device),
+                                         requires_grad=False)  # fmt: skip
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
 
     @classmethod
@@ -74,7 +77,7 @@ class Int8Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         """``linear`` quantized (module docstring); its bias copied as it is."""
         module = cls.like(linear)
-        q, scale = quantize_per_channel(linear.weight, linear.weight.dtype)
+        q, scale = quantize_per_channel(linear.weight, module.weight_scale.dtype)
         module.weight.copy_(q)
         module.weight_scale.copy_(scale)
         if linear.bias is not None:
@@ -94,20 +97,28 @@ class Int8Linear(nn.Module):
                 "Int8Linear is inference-only (the int8 kernel has no derivative); run it under "
                 "torch.no_grad() / torch.inference_mode(), and train the unquantized model"
             )
-        kernel_dtype = x.dtype if x.dtype in KERNEL_DTYPES else torch.bfloat16
-        rows = x.reshape(-1, self.in_features).to(kernel_dtype).contiguous()  # (M, K): the kernel takes 2-D rows
-        if rows.shape[0] <= KERNEL_MAX_ROWS and rows.device.type == "cpu":
-            scale = self.weight_scale.to(kernel_dtype)
-            blocks = [torch.ops.aten._weight_int8pack_mm(block, self.weight, scale) for block in rows.split(KERNEL_BLOCK_ROWS)]
-            out = blocks[0] if len(blocks) == 1 else torch.cat(blocks)  # (M, N)
+        dtype = kernel_dtype(x.dtype)
+        rows = x.reshape(-1, self.in_features).to(dtype).contiguous()  # (M, K): the kernel takes 2-D rows
+        scale = self.weight_scale.to(dtype)  # no copy unless the model was cast after quantizing
+        if rows.shape[0] <= KERNEL_BLOCK_ROWS and rows.device.type == "cpu":  # decoding: one call
+            out = torch.ops.aten._weight_int8pack_mm(rows, self.weight, scale)  # (M, N)
+        elif rows.shape[0] <= KERNEL_MAX_ROWS and rows.device.type == "cpu":
+            blocks = rows.split(KERNEL_BLOCK_ROWS)  # (<= 4, K) each
+            out = torch.cat([torch.ops.aten._weight_int8pack_mm(block, self.weight, scale) for block in blocks])  # (M, N)
         else:  # a long prefill, or a device without the kernel: dequantize and multiply densely
-            out = F.linear(rows, self.dequantized_weight(kernel_dtype))  # (M, N)
+            out = F.linear(rows, self.dequantized_weight(dtype))  # (M, N)
         out = out.to(x.dtype).view(*x.shape[:-1], self.out_features)  # (..., N)
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"int8 per-channel, scales {str(self.weight_scale.dtype).removeprefix('torch.')}")  # fmt: skip
+
+
+def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the int8 kernel takes its inputs and scales in for a model computing in ``dtype``:
+    bfloat16 or float16 as they are, bfloat16 for anything else (float32)."""
+    return dtype if dtype in KERNEL_DTYPES else torch.bfloat16
 
 
 def quantize_per_channel(weight: Tensor, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
