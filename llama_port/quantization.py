@@ -49,9 +49,9 @@ class Int8Linear(nn.Module):
     """y = x @ (q * scale[:, None]).T + bias, with q int8 (N, K) and scale (N,) per output channel.
 
     ``weight`` (int8, N = out_features, K = in_features) and ``weight_scale`` (``kernel_dtype`` of
-    the model's dtype) are parameters that never require grad, so the loader fills them by name as it fills
-    any weight and ``model.to(dtype)`` casts the scales (never the int8 weight). ``bias`` as
-    nn.Linear's. Build one with ``from_linear`` (quantizes a filled nn.Linear) or ``like`` (empty,
+    the model's dtype) are parameters that never require grad, so the loader fills them by name as
+    it fills any weight and ``model.to(dtype)`` casts the scales (never the int8 weight). ``bias``
+    as nn.Linear's, in the model's dtype. Build one with ``from_linear`` (quantizes a filled nn.Linear) or ``like`` (empty,
     on the linear's device: the structure a saved int8 checkpoint is loaded into).
     """
 

@@ -32,19 +32,21 @@ def peak_rss_mib(quantize: str | None) -> float:
     return float(out.stdout.split()[-1])
 
 
-def decode_speed(models: dict, tokens: int, repeats: int, compile: bool) -> dict[str, float]:
-    """{name: median tokens/s}, the models run in turn ``repeats`` times after one warm-up each."""
+def decode_speed(models: dict, tokens: int, repeats: int, compile: bool) -> tuple[dict[str, float], dict[str, list[int]]]:
+    """({name: median tokens/s}, {name: the greedy tokens}), the models run in turn ``repeats``
+    times after one warm-up each."""
     prompt = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 1345]])  # (1, T)
-    options = dict(do_sample=False, cache_implementation="static", compile=compile, eos_token_id=[])
+    options = {"do_sample": False, "cache_implementation": "static", "compile": compile, "eos_token_id": []}
     for model in models.values():
         model.generate(prompt, max_new_tokens=8, **options)  # warm-up (and compilation)
     speeds: dict[str, list[float]] = {name: [] for name in models}
+    generated = {}
     for _ in range(repeats):
         for name, model in models.items():
             started = time.perf_counter()
-            model.generate(prompt, max_new_tokens=tokens, **options)
+            generated[name] = model.generate(prompt, max_new_tokens=tokens, **options)[0].tolist()
             speeds[name].append(tokens / (time.perf_counter() - started))
-    return {name: statistics.median(values) for name, values in speeds.items()}
+    return {name: statistics.median(values) for name, values in speeds.items()}, generated
 
 
 def main() -> None:
@@ -68,11 +70,14 @@ def main() -> None:
             "int8", skip=("lm_head",)
         ),
     }
+    eager_tokens = None
     for compile in (False, True) if args.compile else (False,):
-        speeds = decode_speed(models, args.tokens, args.repeats, compile)
+        speeds, generated = decode_speed(models, args.tokens, args.repeats, compile)
         for name, speed in speeds.items():
+            same = "" if eager_tokens is None else f", tokens identical to eager: {generated[name] == eager_tokens[name]}"
             print(f"decode{' compiled' if compile else ''} {name}: {speed:.1f} tok/s "
-                  f"({speed / speeds['float32']:.2f}x float32)", flush=True)  # fmt: skip
+                  f"({speed / speeds['float32']:.2f}x float32){same}", flush=True)  # fmt: skip
+        eager_tokens = eager_tokens or generated
     if args.memory:
         for quantize in (None, "int8"):
             print(f"peak RSS from_pretrained(quantize={quantize!r}): {peak_rss_mib(quantize):.0f} MiB", flush=True)

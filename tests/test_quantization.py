@@ -18,7 +18,12 @@ from safetensors.torch import load_file
 from llama_port import LlamaForCausalLM, cli
 from llama_port.checkpoints.errors import UnsupportedCheckpointError
 from llama_port.parity.compare import logit_metrics
-from llama_port.quantization import KERNEL_MAX_ROWS, Int8Linear, quantize_per_channel, quantize_weights
+from llama_port.quantization import (
+    KERNEL_MAX_ROWS,
+    Int8Linear,
+    quantize_per_channel,
+    quantize_weights,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
