@@ -216,7 +216,9 @@ def test_parity_cli_quantize_int8(tiny_folder, capsys):
     argv = ["parity", str(tiny_folder), "--quantize", "int8", "--kl-max", "0.05", "--json", "-", "--quiet",
             "--max-new-tokens", "4", "--seq-len", "12", "--batch", "2"]  # fmt: skip
     assert cli.main(argv) == 0
-    report = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    assert "PASS: llama_port int8 is within KL 0.05 of transformers' unquantized model" in captured.err
+    report = json.loads(captured.out)
     assert report["passed"] and report["quantize"] == "int8" and report["kl_limit"] == 0.05 and report["atol"] is None
     assert 0 < report["kl_max"] < 0.05 and report["top1_agreement"] > 0.9
     assert any("quantized int8" in note for note in report["notes"])

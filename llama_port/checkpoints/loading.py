@@ -103,7 +103,8 @@ def load_pretrained(
     quantization_config: refused (ValueError): transformers' quantization configs (bitsandbytes,
         GPTQ, ...) are not llama_port's; see ``quantize``.
     quantize: "int8" replaces every nn.Linear (the decoder layers' projections and the head) by an
-        Int8Linear (llama_port.quantization: weight-only int8, per-channel scales in ``dtype``), each
+        Int8Linear (llama_port.quantization: weight-only int8, per-channel scales, bfloat16 inputs
+        to the int8 kernel for a float32 model; the rest computes in ``dtype``), each
         decoder layer's as soon as its weights are in place, so peak memory stays under the float
         load's; on the CPU only (the int8 kernel's device), and not with device_map. A checkpoint
         saved from an int8 model (config.json's quantization_config, quant_method "llama_port") is
