@@ -232,3 +232,15 @@ def test_parity_cli_quantize_int8(tiny_folder, capsys):
 def test_parity_cli_quantize_refused_before_loading(tiny_folder, capsys, extra, message):
     assert cli.main(["parity", str(tiny_folder), "--quantize", "int8", "--quiet", *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_quantize_twice_changes_nothing_more():
+    ours, _ = make_tiny_pair()
+    ours.quantize("int8", skip=("lm_head",))
+    before = {name: t.clone() for name, t in ours.state_dict().items()}
+    ours.quantize("int8", skip=("lm_head",))
+    after = ours.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    ours.quantize("int8")  # converts what the first call skipped, and only that
+    assert isinstance(ours.lm_head, Int8Linear) and ours.config.quantization_config["modules_not_converted"] == []
+    assert torch.equal(ours.state_dict()["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"])
