@@ -31,7 +31,7 @@ class PreTrainedModel(nn.Module):
     def from_pretrained(cls, name_or_path: str | os.PathLike, **options):
         """Load a checkpoint (a local folder or file in any supported format, or a Hub repo id) into
         this class; eval mode. ``options`` are llama_port.checkpoints.load_pretrained's (dtype,
-        device, device_map, attn_implementation, strict, revision, config, gguf_file, and
+        device, device_map, attn_implementation, strict, revision, config, gguf_file, quantize, and
         transformers' low_cpu_mem_usage / trust_remote_code, accepted and ignored), documented there."""
         from .checkpoints.loading import load_pretrained
 
@@ -82,6 +82,16 @@ class PreTrainedModel(nn.Module):
             self, repo_id, commit_message=commit_message, private=private, token=token, revision=revision,
             create_pr=create_pr, max_shard_size=max_shard_size, safe_serialization=safe_serialization,
         )
+
+    def quantize(self, method: str = "int8", *, skip: tuple[str, ...] = ()):
+        """Quantize this model's weights in place (llama_port.quantization.quantize_weights):
+        "int8" makes every nn.Linear not named in ``skip`` (module names, e.g. ``("lm_head",)``) a
+        weight-only int8 Int8Linear with per-channel scales; inference only. Returns the model;
+        ValueError for another ``method``. What ``from_pretrained(..., quantize="int8")`` does after
+        loading each layer, for a model already built."""
+        from .quantization import quantize_weights
+
+        return quantize_weights(self, method, skip=skip)
 
     @property
     def name_or_path(self) -> str:

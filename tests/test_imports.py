@@ -21,7 +21,7 @@ PACKAGE = Path(llama_port.__file__).parent
 LAYERS = [
     ["llama_port.dtypes", "llama_port.activations", "llama_port.rope", "llama_port.outputs"],
     ["llama_port.configuration"],
-    ["llama_port.cache", "llama_port.attention"],
+    ["llama_port.cache", "llama_port.attention", "llama_port.quantization"],
     ["llama_port.generation"],
     ["llama_port.pretrained"],
     ["llama_port.modeling"],

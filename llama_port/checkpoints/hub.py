@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ..configuration import CONFIG_NAME, LlamaConfig, read_json_file, short_repr
+from ..quantization import read_quantization_config
 from .errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -87,7 +88,8 @@ def read_hub_config(path: Path) -> LlamaConfig:
 
     CheckpointNotFoundError without the file; CorruptCheckpointError for one read_json_file refuses
     (over MAX_CONFIG_BYTES, bad JSON, too deeply nested) or a value LlamaConfig refuses;
-    UnsupportedCheckpointError for another model_type or a quantized checkpoint.
+    UnsupportedCheckpointError for another model_type or a quantized checkpoint other than
+    llama_port's own int8 (quantization.read_quantization_config).
     """
     if not path.is_file():
         raise CheckpointNotFoundError(f"{path}: no such file")
@@ -100,11 +102,10 @@ def read_hub_config(path: Path) -> LlamaConfig:
         )
     quant = raw.get("quantization_config")
     if quant:
-        method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
-        raise UnsupportedCheckpointError(
-            f"{path}: a quantized checkpoint (quant_method={short_repr(method)}); "
-            "llama_port loads unquantized Hub weights"
-        )
+        try:  # llama_port's own int8 format loads (quantized); another library's is refused
+            read_quantization_config(quant, path)
+        except ValueError as err:
+            raise UnsupportedCheckpointError(str(err)) from None
     with refused_as_corrupt(path):
         return LlamaConfig.from_dict(raw)
 

@@ -52,6 +52,14 @@ from ..distributed.tensor_parallel import (
 from ..dtypes import DTYPES, STORED_DTYPES, dtype_name, parse_dtype
 from ..generation import GENERATION_CONFIG_NAME, GenerationConfig
 from ..modeling import LlamaRotaryEmbedding
+from ..quantization import (
+    QUANTIZE_METHODS,
+    check_method,
+    convertible,
+    quantize_linear,
+    quantize_weights,
+    read_quantization_config,
+)
 from .errors import (
     CorruptCheckpointError,
     MissingKeysError,
@@ -92,6 +100,7 @@ def load_pretrained(
     config: Any = None,
     gguf_file: str | os.PathLike | None = None,
     quantization_config: Any = None,
+    quantize: str | None = None,
     low_cpu_mem_usage: bool | None = None,
     trust_remote_code: bool | None = None,
     tp_plan: str | None = None,
@@ -112,7 +121,15 @@ def load_pretrained(
         must fit it).
     gguf_file: transformers' way of naming a GGUF file inside the local folder ``name_or_path``
         (loading ``folder/gguf_file``); GGUF files on the Hub are not fetched.
-    quantization_config: refused (ValueError): llama_port computes in float32 / bfloat16 / float16.
+    quantization_config: refused (ValueError): transformers' quantization configs (bitsandbytes,
+        GPTQ, ...) are not llama_port's; see ``quantize``.
+    quantize: "int8" replaces every nn.Linear (the decoder layers' projections and the head) by an
+        Int8Linear (llama_port.quantization: weight-only int8, per-channel scales, bfloat16 inputs
+        to the int8 kernel for a float32 model; the rest computes in ``dtype``), each
+        decoder layer's as soon as its weights are in place, so peak memory stays under the float
+        load's; on the CPU only (the int8 kernel's device), and not with device_map. A checkpoint
+        saved from an int8 model (config.json's quantization_config, quant_method "llama_port") is
+        loaded int8 whatever ``quantize`` says; another library's quantized checkpoint is refused.
     low_cpu_mem_usage: accepted and ignored: loading is always lean (weights are built on the meta
         device and filled one group at a time). trust_remote_code: accepted and ignored: no
         checkpoint code is ever run.
@@ -128,9 +145,21 @@ def load_pretrained(
     """
     if quantization_config is not None:
         raise ValueError(
-            f"quantization_config={type(quantization_config).__name__}: llama_port does not quantize; "
-            f"load with dtype= one of {sorted(DTYPES)}"
+            f"quantization_config={type(quantization_config).__name__}: llama_port does not quantize through "
+            f"transformers' quantization configs; load with dtype= one of {sorted(DTYPES)}, or with "
+            f"quantize= one of {list(QUANTIZE_METHODS)} (llama_port's weight-only int8)"
         )
+    if quantize is not None:
+        check_method(quantize)
+        if tp_plan is not None or device_mesh is not None:
+            raise ValueError(f"quantize={quantize!r} with tp_plan / device_mesh: int8 modules are not tensor-parallel; "
+                             "load the int8 model in one process, or shard the float model")  # fmt: skip
+        if device_map is not None:
+            raise ValueError(f"quantize={quantize!r} with device_map={device_map!r}: an int8 model is loaded on one "
+                             "device (device='cpu'); accelerate's dispatch would keep float weights")  # fmt: skip
+        if device is not None and torch.device(device).type != "cpu":
+            raise ValueError(f"quantize={quantize!r} on device={str(device)!r}: PyTorch's int8 weight kernel "
+                             "(_weight_int8pack_mm) runs on the CPU; load with device='cpu'")  # fmt: skip
     requested_dtype = parse_dtype(dtype, torch_dtype)
     if device is not None and device_map is not None:
         raise ValueError(f"pass device= or device_map=, not both (got device={device!r}, device_map={device_map!r})")
@@ -164,17 +193,27 @@ def load_pretrained(
     if mesh is not None:
         check_tp_size(model_config, mesh.size())  # before anything is built or read
     model = build_meta_model(cls, model_config, target_dtype, build_attn)
+    saved_int8 = _saved_quantization(model.config, source)
+    if saved_int8 is not None:
+        if device_map is not None or mesh is not None:
+            raise ValueError(
+                f"{source.location}: an int8 checkpoint is loaded on one device, not with device_map / tp_plan / device_mesh"
+            )
+        quantize_weights(model, "int8", skip=saved_int8, empty=True)  # int8 parameters for its int8 tensors
     placement = plan_placement(model, target_dtype, device, device_map, max_memory, offload_folder)
     if mesh is not None:
         parallelize(model, mesh)  # meta DTensors: each knows its rank's shape
 
     params = dict(model.named_parameters())  # the meta parameters, each shared one once
     aliases = tied_aliases(model)
-    loaded, unexpected, heads = _load_tensors(model, params, aliases, source, placement, progress, mesh)
+    when_filled = _quantize_when_filled(model) if quantize is not None and saved_int8 is None else None
+    loaded, unexpected, heads = _load_tensors(model, params, aliases, source, placement, progress, mesh, when_filled)
     _settle_tied_heads(model, params, aliases, heads, loaded, placement, source)
     _check_keys(model, params, source, loaded, unexpected, strict, placement)
     _materialize_buffers(model, placement)
     model.tie_weights()
+    if when_filled is not None:
+        quantize_weights(model, quantize)  # what was not complete in the loop: the (tied) head, missing weights
     leftover = [
         name for name, t in [*model.named_parameters(), *model.named_buffers()]
         if t.is_meta and placement.device_for(name) != "disk"
@@ -196,6 +235,33 @@ def load_pretrained(
     if generation_file is not None:  # else the one LlamaForCausalLM derived from the config
         model.generation_config = GenerationConfig.from_pretrained(generation_file, CorruptCheckpointError)
     return model.eval()
+
+
+def _saved_quantization(config: Any, source: CheckpointSource) -> list[str] | None:
+    """The modules_not_converted of an int8 checkpoint saved by llama_port (None for a float one);
+    UnsupportedCheckpointError for another library's quantization_config (a ``config=`` passed in)."""
+    value = getattr(config, "quantization_config", None)
+    if not value:
+        return None
+    try:
+        return read_quantization_config(value, source.location)
+    except ValueError as err:
+        raise UnsupportedCheckpointError(str(err)) from None
+
+
+def _quantize_when_filled(model: nn.Module) -> Callable[[str], None]:
+    """A callback for each placed parameter name: once every parameter of an nn.Linear that
+    quantize_weights converts is in place, that linear is quantized, so the float weights of one
+    decoder layer at most are held beside the int8 ones."""
+    pending = set(convertible(model, ()))
+
+    def placed(name: str) -> None:
+        module_name = name.rpartition(".")[0]
+        if module_name in pending and not any(p.is_meta for p in model.get_submodule(module_name).parameters()):
+            quantize_linear(model, module_name)
+            pending.discard(module_name)
+
+    return placed
 
 
 def _gguf_in_folder(name_or_path: str | os.PathLike, gguf_file: str | os.PathLike | None) -> str | os.PathLike:
@@ -344,9 +410,11 @@ def _load_tensors(
     placement: Placement,
     progress: bool | None,
     mesh: Any = None,
+    placed: Callable[[str], None] | None = None,
 ) -> tuple[set[str], list[str], dict[str, Tensor]]:
-    """Place every checkpoint tensor. Returns the parameter names loaded, the unexpected
-    checkpoint names, and the tensors found under a tied alias (a tied head saved anyway).
+    """Place every checkpoint tensor, calling ``placed(parameter name)`` after each. Returns the
+    parameter names loaded, the unexpected checkpoint names, and the tensors found under a tied
+    alias (a tied head saved anyway).
 
     mesh: a tensor-parallel load's; a source that can yield a rank's pieces (iter_rank_groups) does."""
     loaded: set[str] = set()
@@ -362,6 +430,8 @@ def _load_tensors(
             continue
         _place(model, target, params[target], tensor, placement, source.owns_tensors)
         loaded.add(target)
+        if placed is not None:
+            placed(target)
     return loaded, unexpected, heads
 
 
@@ -376,8 +446,9 @@ def iter_parameter_tensors(
 ) -> Iterator[tuple[str, str, Tensor]]:
     """Every checkpoint tensor that maps to one of ``params``, as (our name, the parameter it fills,
     tensor), checked before anything is placed: its shape against the parameter's
-    (ShapeMismatchError), its dtype a floating one we load (UnsupportedCheckpointError: an integer
-    or bool weight is never cast silently), and no parameter filled twice under two spellings
+    (ShapeMismatchError), its dtype a floating one we load or exactly an integer parameter's (an
+    int8 model's weights) (UnsupportedCheckpointError: an integer or bool weight is never cast
+    silently, nor a float one into an int8 parameter), and no parameter filled twice under two spellings
     (CorruptCheckpointError naming both); each error names the file.
 
     Checkpoint names that map to no parameter are appended to ``unexpected``; names mapped to None
@@ -404,11 +475,17 @@ def iter_parameter_tensors(
                         f"are both {name!r}; a checkpoint must hold each weight once"
                     )
                 spelled[name] = checkpoint_name
-                if tensor.dtype not in STORED_DTYPES:
+                wanted = params[target].dtype
+                if wanted.is_floating_point and tensor.dtype not in STORED_DTYPES:
                     raise UnsupportedCheckpointError(
                         f"{source.file_of(checkpoint_name)}: tensor {checkpoint_name!r} has dtype "
                         f"{dtype_name(tensor.dtype)}; weights must be floating: "
                         f"{sorted(dtype_name(d) for d in STORED_DTYPES)}"
+                    )
+                if not wanted.is_floating_point and tensor.dtype != wanted:
+                    raise UnsupportedCheckpointError(
+                        f"{source.file_of(checkpoint_name)}: tensor {checkpoint_name!r} has dtype "
+                        f"{dtype_name(tensor.dtype)}; the quantized model stores it as {dtype_name(wanted)}"
                     )
                 if tuple(tensor.shape) not in accepted_shapes(params[target]):
                     raise ShapeMismatchError(
@@ -606,6 +683,8 @@ def _init_missing(model: nn.Module, name: str, param: Tensor, placement: Placeme
     biases, normal(0, initializer_range) otherwise (the padding row of an embedding zeroed)."""
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
+    if not param.is_floating_point():
+        raise MissingKeysError(f"{name}: an int8 weight missing from a quantized checkpoint cannot be initialised", [name])
     value = torch.empty(param.shape, dtype=param.dtype)
     if "norm" in type(module).__name__.lower():
         value.fill_(1.0)

@@ -134,7 +134,8 @@ def save_pretrained(
         max_shard_size=parse_size(max_shard_size),
     )
     config = model.config.copy()
-    config.dtype = dtype_name(next(iter(state.values())).dtype) if state else config.dtype
+    floating = [t.dtype for t in state.values() if t.is_floating_point()]  # an int8 model's weights are not
+    config.dtype = dtype_name(floating[0]) if floating else config.dtype
     with replace_folder(directory, overwrite=True, keep=lambda name: not _MODEL_FILES.fullmatch(name)) as staging:
         for filename, names in split.filename_to_tensors.items():
             shard = {name: state[name].detach().to("cpu").contiguous() for name in names}

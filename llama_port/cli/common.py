@@ -53,9 +53,11 @@ def open_source(checkpoint: str | None) -> CheckpointSource:
 
 
 def load_model(
-    source: CheckpointSource, dtype: str, device: str, attn: str | None = None, tp_plan: str | None = None
+    source: CheckpointSource, dtype: str, device: str, attn: str | None = None, tp_plan: str | None = None,
+    quantize: str | None = None,
 ) -> Any:
-    """llama_port's LlamaForCausalLM for ``source``, read by llama_port's own loader, in eval mode.
+    """llama_port's LlamaForCausalLM for ``source``, read by llama_port's own loader, in eval mode
+    (``quantize``: from_pretrained's, e.g. "int8").
 
     tp_plan ("auto"): tensor-parallel over the torchrun launch (the process group initialised from
     its environment, gloo or nccl by ``device``'s type); then only rank 0 writes to stdout (the
@@ -69,7 +71,7 @@ def load_model(
         if not is_lead_process():
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of this process
     return LlamaForCausalLM.from_pretrained(
-        source, dtype=DTYPES[dtype], attn_implementation=attn, progress=False, **placement
+        source, dtype=DTYPES[dtype], attn_implementation=attn, progress=False, quantize=quantize, **placement
     ).eval()
 
 

@@ -4,7 +4,9 @@ Under torchrun, ``--tp-plan auto`` compares our tensor-parallel model (every ran
 transformers' whole model loaded single-process on each rank; rank 0 prints and writes the report.
 ``--stream`` (automatic when the two whole models would not fit in memory) compares one decoder
 layer at a time (parity.compare_streaming); ``--against B`` compares the checkpoint with another
-checkpoint of the same model in another format (parity.compare_checkpoints).
+checkpoint of the same model in another format (parity.compare_checkpoints). ``--quantize int8``
+loads ours weight-only int8 (from_pretrained(..., quantize="int8")) and judges it against
+transformers' float model by ``--kl-max`` (required), reporting KL and top-1 agreement.
 
 Exit codes: 0 passed, 1 failed; bad usage or an unreadable checkpoint raise ValueError /
 FileNotFoundError, which main() turns into exit code 2.
@@ -47,6 +49,7 @@ from ..parity import (
     print_report,
     write_plot,
 )
+from ..quantization import QUANTIZE_METHODS
 from .common import add_checkpoint_argument, add_dtype_argument, add_tp_plan_argument, is_lead_process, load_model, open_source
 
 NAME = "parity"
@@ -84,6 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "checkpoint, the error you allow (instead of or with --atol)")
     parser.add_argument("--ratio", type=float, default=None,
                         help="bf16/fp16 pass bound: our error / the reference's own error (default 2.0)")
+    parser.add_argument("--quantize", choices=QUANTIZE_METHODS, default=None,
+                        help="load ours quantized (int8: weight-only, per-channel scales) and judge it against "
+                             "transformers' unquantized model by --kl-max (required); greedy tokens may differ")
     parser.add_argument("--allow-token-mismatch", action="store_true",
                         help="do not fail when greedy generations differ")
     parser.add_argument("--json", default=None, metavar="PATH|-", help="write the report as JSON ('-': stdout)")
@@ -175,15 +181,27 @@ def _whole(args: argparse.Namespace, source: CheckpointSource, progress: _Progre
     """Both whole models in memory: transformers' (and its float32 yardstick) and ours."""
     reference, reference_fp32, tokenizer = _reference_side(args, source, progress, tmp, load_reference, "loading")
     progress.step("ours", f"loading llama_port ({args.dtype}, {args.attn})")
-    ours = load_model(source, args.dtype, args.device, args.attn, args.tp_plan)
+    ours = load_model(source, args.dtype, args.device, args.attn, args.tp_plan, quantize=args.quantize)
     batch = _batch(args, tokenizer, ours.config)
     progress.step(None, f"comparing on {_shape(batch)}, then {args.max_new_tokens} greedy tokens")
     report = compare(
         ours, reference, batch.input_ids, batch.attention_mask, generation_input_ids=batch.generation_ids,
         max_new_tokens=args.max_new_tokens, dtype=args.dtype, atol=args.atol, ratio=args.ratio,
-        kl_limit=args.kl_limit, allow_token_mismatch=args.allow_token_mismatch, reference_fp32=reference_fp32,
+        kl_limit=args.kl_limit, allow_token_mismatch=args.allow_token_mismatch or args.quantize is not None,
+        reference_fp32=reference_fp32,
     )
+    if args.quantize is not None:
+        report.quantize = args.quantize
+        report.notes.append(
+            f"ours quantized {args.quantize} (weight-only, per-channel scales; {_not_converted(ours)}): judged by "
+            "--kl-max against the unquantized reference, greedy tokens may differ"
+        )
     return report, batch
+
+
+def _not_converted(model: Any) -> str:
+    skipped = model.config.quantization_config["modules_not_converted"]
+    return f"not converted: {', '.join(skipped)}" if skipped else "every linear converted, lm_head included"
 
 
 def _stream(args: argparse.Namespace, source: CheckpointSource, progress: _Progress, tmp: Path) -> tuple[ParityReport, _Batch]:
@@ -267,6 +285,15 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--device cuda: CUDA is not available on this machine")
     if args.attn == "flash_attention_2" and args.device != "cuda":
         raise ValueError("--attn flash_attention_2 needs --device cuda")
+    if args.quantize is not None:
+        if args.against is not None or args.stream:
+            raise ValueError(f"--quantize {args.quantize} compares whole models against transformers; "
+                             "not with --against or --stream")  # fmt: skip
+        if args.kl_limit is None:
+            raise ValueError(f"--quantize {args.quantize}: give the KL you allow (--kl-max KL); an int8 model "
+                             "is judged by its KL to the unquantized reference, not by --atol")  # fmt: skip
+        if args.dtype != "float32":
+            raise ValueError(f"--quantize {args.quantize}: with --dtype float32 only (the reference is the float32 model)")
     if args.prompt is not None and not all(p.strip() for p in args.prompt):
         raise ValueError("--prompt: empty prompt text")
     if args.plot == "-":
@@ -310,6 +337,7 @@ def _streamed(args: argparse.Namespace, config: Any, console: Any) -> bool:
     stream = _parity_bytes(config, rows, args.seq_len, models, streamed=True)
     available = _available_memory()
     streamed = args.stream if args.stream is not None else available is not None and whole > available
+    streamed = streamed and args.quantize is None  # a quantized model is compared whole (--quantize)
     needed = stream if streamed else whole
     if available is not None and needed > available:
         raise ValueError(

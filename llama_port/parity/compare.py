@@ -101,8 +101,8 @@ class ParityReport:
     generated tokens where the continuations first differ (one ending early counts), None when
     they match. failures: the reasons ``passed`` is False, one line each. mode: "whole" (both
     models in memory), "stream" (one decoder layer at a time) or "against" (two checkpoints of one
-    model; ``streamed`` says how). kl_limit: the bound on kl_max, when one was given. timings:
-    seconds per phase.
+    model; ``streamed`` says how). kl_limit: the bound on kl_max, when one was given. quantize:
+    how ours was quantized ("int8"; None: not). timings: seconds per phase.
     """
 
     max_abs_diff: float
@@ -139,6 +139,7 @@ class ParityReport:
     streamed: bool = False
     against: str | None = None
     kl_limit: float | None = None
+    quantize: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

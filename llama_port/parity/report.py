@@ -88,6 +88,8 @@ def print_report(report: ParityReport, console: Any, elapsed: float | None = Non
         console.print(f"note: {note}")
     if report.passed:
         agree = "the two checkpoints agree" if against else "llama_port reproduces transformers on this checkpoint"
+        if report.quantize is not None:
+            agree = f"llama_port {report.quantize} is within KL {report.kl_limit:g} of transformers' unquantized model"
         console.print(f"[bold green]PASS[/]: {agree}")
     else:
         for failure in report.failures:
