@@ -29,7 +29,7 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor, nn
 
-from .llama_cpp import GGUF_TYPES, LlamaCppTools, run_llama_bench
+from .llama_cpp import GGUF_TYPES, LlamaCppError, LlamaCppTools, run_llama_bench
 from .streamers import TimingStreamer
 
 BENCH_PROMPT = "The history of the printing press begins"
@@ -61,6 +61,7 @@ class BenchCase:
     bytes_per_token: float | None = None
     compiled: bool = False
     prefill_tokens: int = 0
+    skip_errors: tuple[type[Exception], ...] = ()  # a warm-up raising one of these skips the case
 
 
 @dataclass
@@ -159,13 +160,15 @@ def generate_case(
     prompt_ids: Tensor,
     long_ids: Tensor,
     new_tokens: int,
-    compiled: bool = False,
+    compile_mode: str | None = None,
 ) -> BenchCase:
     """A configuration timing ``model.generate`` (ours or transformers': the same arguments, greedy,
     no end-of-sequence stop): decode after ``prompt_ids`` (1, T), prefill of ``long_ids`` (1, P).
-    ``compiled``: our static cache with compile=True, for decode and prefill alike."""
+    ``compile_mode`` (ours): the static cache with generate(compile=compile_mode), for decode and
+    prefill alike."""
     device = prompt_ids.device
-    extra: dict[str, Any] = dict(cache_implementation="static", compile=True) if compiled else {}
+    compiled = compile_mode is not None
+    extra: dict[str, Any] = dict(cache_implementation="static", compile=compile_mode) if compiled else {}
 
     def decode(streamer: TimingStreamer) -> Tensor:
         return model.generate(prompt_ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=[],
@@ -208,7 +211,7 @@ def llama_cpp_case(
 
     bytes_per_token = weights_per_token * GGUF_BYTES_PER_WEIGHT[GGUF_TYPES[precision]]
     name = f"llama.cpp {GGUF_TYPES[precision]} (llama-bench)"
-    return BenchCase(name, "llama.cpp", precision, run, warmup, bytes_per_token, False, prefill_tokens)
+    return BenchCase(name, "llama.cpp", precision, run, warmup, bytes_per_token, False, prefill_tokens, (LlamaCppError,))
 
 
 def run_benchmark(
@@ -220,15 +223,23 @@ def run_benchmark(
     log: Callable[[str], None] = lambda message: None,
 ) -> BenchReport:
     """Warm every case up once, then ``repeats`` rounds running each case once per round (so load
-    changes hit all alike) -> a report of medians and ratios. ``info``: the report's descriptive
-    fields (checkpoint, device, prompt_tokens, new_tokens, prefill_tokens)."""
+    changes hit all alike) -> a report of medians and ratios. A case whose warm-up raises one of
+    its ``skip_errors`` is dropped into ``skipped`` with the reason. ``info``: the report's
+    descriptive fields (checkpoint, device, prompt_tokens, new_tokens, prefill_tokens)."""
     info = dict(info or {})
+    skipped = dict(skipped or {})
     load_start = list(os.getloadavg())
     first_call: dict[str, float] = {}
-    for case in cases:
+    for case in list(cases):
         log(f"warm-up: {case.name}" + (" (compiling, or loading the compile cache)" if case.compiled else ""))
         start = time.perf_counter()
-        case.warmup()
+        try:
+            case.warmup()
+        except case.skip_errors as err:
+            skipped[case.name] = str(err).splitlines()[0]
+            log(f"skipping {case.name}: {err}")
+            cases = [c for c in cases if c is not case]
+            continue
         first_call[case.name] = time.perf_counter() - start
     results: dict[str, list[RunResult]] = {case.name: [] for case in cases}
     for repeat in range(repeats):
@@ -249,7 +260,7 @@ def run_benchmark(
         load_average_start=load_start,
         load_average_end=list(os.getloadavg()),
         rows=rows,
-        skipped=dict(skipped or {}),
+        skipped=skipped,
     )
 
 

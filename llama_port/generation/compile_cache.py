@@ -71,12 +71,27 @@ def weights_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _source_digest() -> str:
-    """SHA-256 of llama_port's Python sources: an edit to the model code is a new key even while
-    the version number stays."""
+# llama_port's sources the compiled step runs besides the model's own module classes: the decode
+# step, the attention backends and masks, the caches, rope, the activations and the outputs.
+STEP_SOURCES = (
+    "generation/decoding.py", "generation/compile.py", "attention", "cache.py", "rope.py", "activations.py",
+    "outputs.py", "configuration.py", "dtypes.py",
+)
+
+
+def source_digest(model: nn.Module) -> str:
+    """SHA-256 of the llama_port sources that make the compiled step's graph: STEP_SOURCES and the
+    file of every module class in ``model`` (modeling.py, a quantised linear's file, ...). An edit
+    to any of them is a new key even while the version number stays; an edit elsewhere (the CLI)
+    is not."""
     package = Path(__file__).resolve().parent.parent
+    files = {path for name in STEP_SOURCES for path in ([package / name] if name.endswith(".py") else (package / name).rglob("*.py"))}
+    for module_type in {type(module) for module in model.modules()}:
+        origin = getattr(sys.modules.get(module_type.__module__), "__file__", None)
+        if origin and Path(origin).resolve().is_relative_to(package):
+            files.add(Path(origin).resolve())
     digest = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
+    for path in sorted(files):
         digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
@@ -102,7 +117,7 @@ def step_key_fields(
         "torch": torch.__version__,
         "python": list(sys.version_info[:2]),
         "llama_port": __version__,
-        "llama_port_source": _source_digest(),
+        "llama_port_source": source_digest(model),
         "device": _device_description(device_type),
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "config": model.config.to_dict(),
