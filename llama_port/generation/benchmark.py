@@ -136,19 +136,25 @@ def weights_read_per_token(model: nn.Module) -> int:
 
 
 def measure_read_bandwidth(megabytes: int = 1024, repeats: int = 5, device: str | torch.device = "cpu") -> float:
-    """Memory read bandwidth in GB/s (1e9 bytes): the best of ``repeats`` whole-array reads
-    (``tensor.sum()``) of a ``megabytes`` MiB float32 buffer, on torch's current threads. A buffer
-    much larger than the caches makes this DRAM's speed, the bound of a decode step."""
+    """Memory read bandwidth in GB/s (1e9 bytes): the best of ``repeats`` whole-array reads of a
+    ``megabytes`` MiB float32 buffer, each read both ways a decode step could (``sum()``, and a
+    matrix-vector product over it as a (N / 4096, 4096) matrix: the step's own operation), on
+    torch's current threads. A buffer much larger than the caches makes this DRAM's speed, the
+    bound of a decode step; on a loaded machine it reads low, as the decode does."""
     device = torch.device(device)
-    buffer = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32, device=device)
-    buffer.sum()  # fault the pages in and warm the code
+    buffer = torch.ones(megabytes * 2**20 // 4 // 4096 * 4096, dtype=torch.float32, device=device)
+    matrix, vector = buffer.view(-1, 4096), torch.ones(4096, device=device)
+    reads = (buffer.sum, lambda: torch.mv(matrix, vector))
+    for read in reads:  # fault the pages in and warm the code
+        read()
     best = float("inf")
     for _ in range(repeats):
-        _synchronize(device)
-        start = time.perf_counter()
-        buffer.sum()
-        _synchronize(device)
-        best = min(best, time.perf_counter() - start)
+        for read in reads:
+            _synchronize(device)
+            start = time.perf_counter()
+            read()
+            _synchronize(device)
+            best = min(best, time.perf_counter() - start)
     return buffer.numel() * 4 / best / 1e9
 
 
