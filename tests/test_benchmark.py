@@ -135,11 +135,13 @@ def test_llama_cpp_tools_found_or_refused(tmp_path, monkeypatch):
 
 
 def test_bench_configs_option():
-    from llama_port.cli.bench import CONFIGS, parse_configs
+    from llama_port.cli.bench import CONFIGS, DEFAULT_CONFIGS, parse_configs
     from llama_port.cli.common import UsageError
 
     assert parse_configs(",".join(CONFIGS), no_compile=False) == list(CONFIGS)
-    assert "ours-fp32-compiled" not in parse_configs(",".join(CONFIGS), no_compile=True)
+    assert not any(CONFIGS[name].compiled for name in parse_configs(",".join(CONFIGS), no_compile=True))
+    assert "ours-fp32-max-autotune" not in DEFAULT_CONFIGS and "ours-fp32-compiled" in DEFAULT_CONFIGS
+    assert CONFIGS["ours-bf16-max-autotune"].title == "llama_port bf16 compiled max-autotune"
     assert parse_configs("ours-int8, hf-fp32", no_compile=False) == ["hf-fp32", "ours-int8"]
     with pytest.raises(UsageError, match="unknown"):
         parse_configs("hf-fp32,fast", no_compile=False)

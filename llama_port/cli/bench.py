@@ -27,7 +27,6 @@ from ..generation.benchmark import (
     run_benchmark,
     weights_read_per_token,
 )
-from ..generation.compile import COMPILE_MODES
 from ..generation.llama_cpp import LlamaCppError, LlamaCppTools, convert_to_gguf
 from ..parity import load_reference
 from .common import UsageError, add_checkpoint_argument, add_threads_argument, load_model, open_source, set_threads
@@ -44,27 +43,36 @@ class Config:
 
     library: str
     precision: str
-    compiled: bool = False
+    compile_mode: str | None = None  # ours: generate(compile=...) with the static cache
+
+    @property
+    def compiled(self) -> bool:
+        return self.compile_mode is not None
 
     @property
     def title(self) -> str:
         if self.library == "llama.cpp":
             return f"llama.cpp {self.precision}"
-        return f"{self.library} {self.precision}" + (" compiled" if self.compiled else "")
+        suffix = {None: "", "default": " compiled"}.get(self.compile_mode, f" compiled {self.compile_mode}")
+        return f"{self.library} {self.precision}{suffix}"
 
 
 CONFIGS = {
     "hf-fp32": Config("transformers", "fp32"),
     "hf-bf16": Config("transformers", "bf16"),
     "ours-fp32": Config("llama_port", "fp32"),
-    "ours-fp32-compiled": Config("llama_port", "fp32", compiled=True),
+    "ours-fp32-compiled": Config("llama_port", "fp32", "default"),
     "ours-bf16": Config("llama_port", "bf16"),
-    "ours-bf16-compiled": Config("llama_port", "bf16", compiled=True),
+    "ours-bf16-compiled": Config("llama_port", "bf16", "default"),
     "ours-int8": Config("llama_port", "int8"),
     "llamacpp-f32": Config("llama.cpp", "fp32"),
     "llamacpp-bf16": Config("llama.cpp", "bf16"),
     "llamacpp-q8_0": Config("llama.cpp", "int8"),
+    # Opt-in: compile="max-autotune" compiles in every process (1-2 minutes each on 2 cores).
+    "ours-fp32-max-autotune": Config("llama_port", "fp32", "max-autotune"),
+    "ours-bf16-max-autotune": Config("llama_port", "bf16", "max-autotune"),
 }
+DEFAULT_CONFIGS = [name for name, config in CONFIGS.items() if config.compile_mode != "max-autotune"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,15 +82,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-tokens", type=int, default=512, help="prompt length of the prefill runs (default 512; llama-bench -p)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per configuration; the report holds medians (default 3)")
     parser.add_argument(
-        "--configs", default=",".join(CONFIGS), metavar="LIST",
-        help=f"comma-separated configurations to run (default: all): {', '.join(CONFIGS)}",
+        "--configs", default=",".join(DEFAULT_CONFIGS), metavar="LIST",
+        help=f"comma-separated configurations to run, from {', '.join(CONFIGS)} (default: all but the "
+             f"max-autotune ones, which compile in every process)",
     )
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled configurations (a first compile takes minutes)")
-    parser.add_argument(
-        "--compile-mode", choices=COMPILE_MODES, default="default",
-        help="generate(compile=...) for the compiled rows: default (kept in the compile cache) or max-autotune "
-             "(fastest on CPU, compiled in every process)",
-    )
     add_threads_argument(parser)
     parser.add_argument("--json", default=None, metavar="PATH|-", help="also write the report as JSON ('-': stdout)")
     parser.add_argument("--llama-bench", default=None, metavar="PATH",
@@ -149,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         key = (config.library, config.precision)
         if key in models:
             cases.append(generate_case(config.title, config.library, config.precision, models[key], prompt_ids, long_ids,
-                                       args.new_tokens, compile_mode=args.compile_mode if config.compiled else None))
+                                       args.new_tokens, compile_mode=config.compile_mode))
         elif key in load_errors:
             skipped[config.title] = load_errors[key]
     with ExitStack() as stack:
