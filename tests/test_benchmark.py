@@ -25,7 +25,11 @@ from llama_port.generation.benchmark import (
     run_benchmark,
     weights_read_per_token,
 )
-from llama_port.generation.llama_cpp import LlamaCppError, LlamaCppTools, parse_llama_bench_json
+from llama_port.generation.llama_cpp import (
+    LlamaCppError,
+    LlamaCppTools,
+    parse_llama_bench_json,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DATA = Path(__file__).parent / "data"

@@ -110,7 +110,9 @@ def step_key_fields(
     data: versions (torch, Python, llama_port and a digest of its sources), the device and CPU
     ISA, the model (class, whole config, dtype, attention backend, weights digest), the static
     cache's batch size and length, and the inductor options."""
-    from .. import __version__  # the package's version (llama_port/__init__.py, imported by now)
+    from .. import (
+        __version__,  # the package's version (llama_port/__init__.py, imported by now)
+    )
 
     return {
         "format": KEY_FORMAT,

@@ -68,7 +68,7 @@ class LlamaCppTools:
 def _run(command: list[str], what: str, env: dict[str, str] | None = None, timeout: float = 3600) -> str:
     """Run ``command``, returning its stdout; a failure is a LlamaCppError naming ``what`` and the
     last lines of stderr (a signal, e.g. SIGILL from a binary built for another CPU, by name)."""
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, check=False)
     if done.returncode != 0:
         if done.returncode < 0:
             reason = f"killed by {signal.Signals(-done.returncode).name}"
