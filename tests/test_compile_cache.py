@@ -72,6 +72,8 @@ def test_first_process_compiles_says_so_once_and_writes_the_artifact(first_run):
     assert result["miss"] >= 1
     assert len(artifacts(cache_dir)) == 1
     assert compile_cache.read_artifact(artifacts(cache_dir)[0])
+    fields = json.loads(artifacts(cache_dir)[0].with_suffix(".json").read_text())  # what the entry is for
+    assert fields["batch_size"] == 1 and fields["max_cache_len"] == 256 and fields["config"]["hidden_size"] == 64
 
 
 def test_second_process_loads_from_the_cache(first_run):

@@ -87,7 +87,7 @@ def cached_step_for(
     shapes = (input_ids.shape[0], cache.max_cache_len, mode)
     if shapes not in entries:
         fields = step_key_fields(model, shapes[0], shapes[1], input_ids.device.type, options)
-        entries[shapes] = CachedStep(step_key(fields), cache_directory())
+        entries[shapes] = CachedStep(step_key(fields), cache_directory(), fields)
     return entries[shapes]
 
 

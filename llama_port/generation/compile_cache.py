@@ -34,7 +34,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -162,14 +162,18 @@ def read_artifact(path: Path) -> bytes | None:
 
 
 def write_artifact(path: Path, payload: bytes) -> None:
-    """Write ``payload`` with its header to ``path`` atomically: a temporary file in the same
-    folder, flushed to disk, then ``os.replace`` (a reader sees the old file or the new, whole)."""
+    """Write ``payload`` with its header to ``path`` atomically (``write_atomically``)."""
+    write_atomically(path, ARTIFACT_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """``data`` to ``path`` through a temporary file in the same folder, flushed to disk, then
+    ``os.replace``: a reader sees the old file or the new one, whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     try:
         with os.fdopen(handle, "wb") as file:
-            file.write(ARTIFACT_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n")
-            file.write(payload)
+            file.write(data)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
@@ -203,10 +207,12 @@ class CachedStep:
 
     ``call(fn, args)`` runs the compiled step with inductor's caches pointed at this entry: the
     first call loads the artifact file if there is a valid one, says on stderr whether it is
-    compiling or loading (once), and after a compile writes the artifact file."""
+    compiling or loading (once), and after a compile writes the artifact file, and beside it
+    ``<key>.json``: the key's fields, to see what an entry is for."""
 
     key: str
     directory: Path | None
+    fields: dict[str, Any] = field(default_factory=dict)
     first_call_done: bool = False
     announced: bool = False
     loaded: bool = False
@@ -286,5 +292,6 @@ class CachedStep:
             return
         try:
             write_artifact(path, saved[0])
+            write_atomically(path.with_suffix(".json"), json.dumps(self.fields, indent=1, sort_keys=True, default=str).encode())
         except OSError as err:
             warnings.warn(f"compile cache: cannot write {path} ({err}); the next process compiles again", stacklevel=4)
