@@ -128,6 +128,9 @@ def test_key_covers_weights_shapes_dtype_and_options():
         key_of(tiny_model(), options=CPU_COMPILE_MODES["max-autotune"]),
     ]
     assert base not in others and len(set(others)) == len(others)
+    relabelled = tiny_model()
+    relabelled.config.dtype = "bfloat16"  # metadata a later load of the same source may set
+    assert key_of(relabelled) == base
     fields = compile_cache.step_key_fields(tiny_model(), 1, 256, "cpu", CPU_COMPILE_MODES["default"])
     assert fields["torch"] == torch.__version__ and fields["llama_port"] == llama_port.__version__
     assert fields["device"] == f"cpu:{torch.backends.cpu.get_cpu_capability()}"

@@ -131,8 +131,8 @@ def run(args: argparse.Namespace) -> int:
         key = (config.library, config.precision)
         if config.library == "llama.cpp" or key in models or key in load_errors:
             continue
-        try:
-            models[key] = _load(source, config, args.device)
+        try:  # a source per model: a load sets fields of its source's config
+            models[key] = _load(open_source(args.checkpoint), config, args.device)
         except (TypeError, ValueError) as err:  # int8: from_pretrained(quantize=...) not (yet) supported
             load_errors[key] = f"{type(err).__name__}: {err}"
             log(f"skipping {config.title}: {load_errors[key]}")

@@ -48,6 +48,10 @@ ARTIFACT_SUFFIX = ".artifacts"
 # bytes of torch.compiler.save_cache_artifacts). A truncated or altered file fails the digest.
 ARTIFACT_MAGIC = b"llama_port compile cache v1\n"
 KEY_FORMAT = 1  # bump when what the key covers changes
+# Config fields that describe a checkpoint, not the graph: left out of the key (the dtype the step
+# runs in is keyed from the model's parameters). The loader sets config.dtype per load, on a config
+# two loads of one source can share, so keying it made equal models miss each other's entries.
+CONFIG_METADATA = frozenset({"dtype", "torch_dtype", "_name_or_path", "name_or_path", "transformers_version", "architectures"})
 
 
 def cache_directory() -> Path | None:
@@ -122,7 +126,7 @@ def step_key_fields(
         "llama_port_source": source_digest(model),
         "device": _device_description(device_type),
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "config": model.config.to_dict(),
+        "config": {k: v for k, v in model.config.to_dict().items() if k not in CONFIG_METADATA},
         "dtype": str(model.dtype),
         "attention": model.config._attn_implementation,
         "cache": "static",
