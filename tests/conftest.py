@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -387,6 +388,20 @@ JSON_KEYS = {
     "llama_port_version", "dtype", "device", "backend", "weights_sha256",
 }  # fmt: skip
 NUM_LAYERS = 4  # the parity tool tests' tiny models and checkpoint
+
+
+# ------------------------------------------------------------ the compile cache, kept out of ~/.cache
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache_in_a_temporary_folder(tmp_path_factory):
+    """compile=True keeps compiled decode steps in LLAMA_PORT_COMPILE_CACHE: in tests a folder of
+    the session's, never the user's ~/.cache (tests/test_compile_cache.py passes its own)."""
+    previous = os.environ.get("LLAMA_PORT_COMPILE_CACHE")
+    os.environ["LLAMA_PORT_COMPILE_CACHE"] = str(tmp_path_factory.mktemp("compile-cache"))
+    yield
+    if previous is None:
+        del os.environ["LLAMA_PORT_COMPILE_CACHE"]
+    else:
+        os.environ["LLAMA_PORT_COMPILE_CACHE"] = previous
 
 
 # ------------------------------------------------------------ torch threads, the real SmolLM2

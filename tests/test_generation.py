@@ -1,6 +1,7 @@
 """generate(): greedy parity with transformers' generate (tiny models for the matrix, the real
 SmolLM2-135M for the end-to-end check), cached decode logits against full forwards at every step,
-stopping and padding, sampling filters and seeds, bad input, and the compiled decode step."""
+stopping and padding, sampling filters and seeds, bad input, and the compiled decode step (its
+persistent cache: test_compile_cache.py; the benchmark: test_benchmark.py)."""
 
 from __future__ import annotations
 
@@ -305,7 +306,7 @@ def test_smollm2_greedy_matches_transformers(smollm2_pair, cache):
         assert torch.equal(got, expected), tokenizer.batch_decode(got)
 
 
-# ----------------------------------------------------- chat prompt, stream printer, benchmark
+# ----------------------------------------------------------------- chat prompt, stream printer
 @pytest.mark.slow
 def test_chat_prompt_uses_the_chat_template(smollm2_pair):
     from llama_port.cli.generate import encode_prompt
@@ -336,20 +337,3 @@ def test_text_stream_printer_holds_back_partial_characters():
     printer.end()
     assert writes == ["", "é", "é!"]  # nothing printed while the character is incomplete
     assert out.getvalue() == "é!\n" and printer.new_tokens == 3
-
-
-def test_benchmark_reports_every_configuration(tiny_pair):
-    import io
-
-    from llama_port.generation.benchmark import benchmark_generation, print_bench_report
-
-    hf, ours = tiny_pair
-    with torch.inference_mode():
-        report = benchmark_generation(ours, hf, torch.tensor([[5, 6, 7]]), new_tokens=6, prefill_tokens=16, repeats=1,
-                                      compile=False)
-    names = [row.name for row in report.rows]
-    assert len(names) == 4 and all(row.decode_tokens_per_s > 0 and row.prefill_ms > 0 for row in report.rows)
-    assert all(row.same_tokens for row in report.rows[1:])
-    out = io.StringIO()
-    print_bench_report(report, file=out)
-    assert "x HF dynamic" in out.getvalue() and "llama_port generate (static cache)" in out.getvalue()

@@ -1,69 +1,129 @@
-"""torch.compile settings for the single-token decode step (what ``generate(compile=True)`` runs)."""
+"""torch.compile settings for the single-token decode step (what ``generate(compile=...)`` runs),
+and its persistent cache across processes (compile_cache.py: one entry per model, weights and
+shapes)."""
 
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from .compile_cache import CachedStep, cache_directory, step_key, step_key_fields
 from .decoding import decode_step
 
-# Inductor options for the decode step off CUDA. A one-token step is a chain of matrix-vector
-# products whose speed is how fast the weights stream from memory; MKL's sgemv reaches about half
-# of the machine's read bandwidth there. Freezing folds the weights into the graph as constants, so
-# inductor can prepack them for its C++ GEMM template (vectorised micro-kernels over the packed
-# weights), which max_autotune enables. ATEN (MKL) is left out of the candidates on purpose:
-# autotuning times each candidate on warm caches, where MKL often wins, but the real step streams
-# 0.5 GB of weights from DRAM, where the template is about twice as fast (SmolLM2-135M on the
-# 2-core AVX-512 benchmark machine: ~21 ms per token against ~42 ms with MKL's kernels picked).
-# The price: a minute or so of compiling per set of shapes, and weights changed after compiling
-# are not seen (torch._dynamo.reset() forgets the graphs).
-CPU_COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP"}
+# Inductor options for the decode step off CUDA, one set per compile mode.
+#
+# A one-token step is a chain of matrix-vector products whose speed is how fast the weights stream
+# from memory. Both modes freeze the weights into the graph as constants (constant folding, and the
+# fusions of everything between the products).
+#
+# "max-autotune" (compile="max-autotune"): inductor prepacks the frozen weights (oneDNN) for its
+# C++ GEMM template, vectorised micro-kernels over the packed weights, which max_autotune enables;
+# MKL (ATEN) is left out of the candidates on purpose: autotuning times each candidate on warm
+# caches, where MKL often wins, but the real step streams the weights from DRAM, where the template
+# is about twice as fast (SmolLM2-135M on the 2-core AVX-512 benchmark machine: ~21 ms per token
+# against ~42 ms with MKL's kernels). Its price: 60-130 s of compiling in *every* process, because
+# the oneDNN-packed weights are tensors inductor's FX graph cache cannot store ("mkldnn tensors
+# unpickleable": it bypasses the cache; AOTAutograd's cache refuses frozen graphs too), and the
+# C++ template is only offered when that prepacking is on (torch 2.13's use_cpp_gemm_template).
+#
+# "default" (compile=True): prepacking off, MKL's kernels, no autotuning: everything inductor
+# makes is stored by its FX graph cache (and our artifact file), so a second process on the same
+# checkpoint loads the step instead of compiling it (compile_cache.py; measured in the README).
+CPU_COMPILE_MODES: dict[str, dict[str, object]] = {
+    "default": {"freezing": True, "cpp.weight_prepack": False},
+    "max-autotune": {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP"},
+}
+COMPILE_MODES = tuple(CPU_COMPILE_MODES)
 # Where the C++ template cannot compile a product (no candidate left), retry once with MKL allowed.
-CPU_COMPILE_FALLBACK_OPTIONS = {**CPU_COMPILE_OPTIONS, "max_autotune_gemm_backends": "CPP,ATEN"}
+CPU_COMPILE_FALLBACK_OPTIONS = {**CPU_COMPILE_MODES["max-autotune"], "max_autotune_gemm_backends": "CPP,ATEN"}
 # A compiled step is specialised to the cache length; rounding it up lets prompts of different
 # lengths share one graph (the extra slots stay masked).
 COMPILED_CACHE_LEN_MULTIPLE = 256
 
-_COMPILED_DECODE_STEPS: dict[str, Callable[..., Tensor]] = {}
+_COMPILED_DECODE_STEPS: dict[tuple[str, str], Callable[..., Tensor]] = {}
+# The cache entry of each (model, batch size, cache length, mode) a compiled step met in this process.
+_CACHED_STEPS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, int, str], CachedStep]] = weakref.WeakKeyDictionary()
 
 
-def compiled_decode_step(device_type: str) -> Callable[..., Tensor]:
+def compile_mode(compile: bool | str) -> str | None:
+    """generate()'s ``compile`` argument -> a mode of COMPILE_MODES, or None (not compiled);
+    anything else is a ValueError listing what is valid."""
+    if compile is False or compile is None:
+        return None
+    if compile is True:
+        return "default"
+    if isinstance(compile, str) and compile in CPU_COMPILE_MODES:
+        return compile
+    raise ValueError(f"compile={compile!r}; expected True, False or one of {list(COMPILE_MODES)}")
+
+
+def compiled_decode_step(device_type: str, mode: str = "default") -> Callable[..., Tensor]:
     """``decode_step`` under torch.compile, whole-graph, static shapes: CUDA graphs
-    ("reduce-overhead") on CUDA, ``CPU_COMPILE_OPTIONS`` elsewhere. Built once per device type;
-    dynamo keeps a graph per model and shapes."""
-    if device_type not in _COMPILED_DECODE_STEPS:
+    ("reduce-overhead") on CUDA, ``CPU_COMPILE_MODES[mode]`` elsewhere. Built once per device
+    type and mode; dynamo keeps a graph per model and shapes. Every call runs with the persistent
+    compile cache of its (model, shapes, mode) entry (compile_cache.py)."""
+    if (device_type, mode) not in _COMPILED_DECODE_STEPS:
         if device_type == "cuda":
-            step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+            compiled = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+            step = _with_compile_cache(compiled, {"mode": "reduce-overhead"}, mode)
         else:
-            step = _with_inductor_config(torch.compile(decode_step, fullgraph=True, dynamic=False), CPU_COMPILE_OPTIONS)
-        _COMPILED_DECODE_STEPS[device_type] = step
-    return _COMPILED_DECODE_STEPS[device_type]
+            compiled = torch.compile(decode_step, fullgraph=True, dynamic=False)
+            step = _with_inductor_config(compiled, CPU_COMPILE_MODES[mode], mode)
+        _COMPILED_DECODE_STEPS[device_type, mode] = step
+    return _COMPILED_DECODE_STEPS[device_type, mode]
 
 
-def _with_inductor_config(fn: Callable[..., Tensor], options: dict[str, object]) -> Callable[..., Tensor]:
+def cached_step_for(
+    model: nn.Module, input_ids: Tensor, cache: object, options: dict[str, object], mode: str
+) -> CachedStep:
+    """The cache entry for ``model`` decoding a batch like ``input_ids`` (B, 1) over ``cache`` (a
+    StaticCache) in ``mode``; its key is computed once per model, shapes and mode in a process
+    (it hashes the weights)."""
+    entries = _CACHED_STEPS.setdefault(model, {})
+    shapes = (input_ids.shape[0], cache.max_cache_len, mode)
+    if shapes not in entries:
+        fields = step_key_fields(model, shapes[0], shapes[1], input_ids.device.type, options)
+        entries[shapes] = CachedStep(step_key(fields), cache_directory(), fields)
+    return entries[shapes]
+
+
+def _with_compile_cache(fn: Callable[..., Tensor], options: dict[str, object], mode: str) -> Callable[..., Tensor]:
+    """``fn`` (the compiled step) called through its (model, shapes) entry's persistent cache."""
+
+    def run(*args: object) -> Tensor:
+        model, input_ids, cache = args[0], args[1], args[5]
+        return cached_step_for(model, input_ids, cache, options, mode).call(fn, args)
+
+    return run
+
+
+def _with_inductor_config(fn: Callable[..., Tensor], options: dict[str, object], mode: str) -> Callable[..., Tensor]:
     """``fn`` run with inductor's global config patched by ``options`` (compilation happens lazily,
-    inside a call), falling back once to CPU_COMPILE_FALLBACK_OPTIONS if compiling fails. Not
-    torch.compile(options=...): with these options passed there the step ran at eager speed, as
-    if freezing were off (torch 2.13), while the same options set globally give the 2x."""
+    inside a call) and the persistent compile cache; in "max-autotune", falling back once to
+    CPU_COMPILE_FALLBACK_OPTIONS if compiling fails. Not torch.compile(options=...): with these
+    options passed there the step ran at eager speed, as if freezing were off (torch 2.13), while
+    the same options set globally give the 2x."""
     import torch._inductor.config as inductor_config
     from torch._inductor.exc import InductorError
 
     current = options
+    cached = _with_compile_cache(fn, options, mode)
 
     def run(*args: object) -> Tensor:
         nonlocal current
         try:
             with inductor_config.patch(current):
-                return fn(*args)
+                return cached(*args)
         except InductorError as err:  # raised while compiling, never by a compiled graph running
-            if current == CPU_COMPILE_FALLBACK_OPTIONS:
+            if mode != "max-autotune" or current == CPU_COMPILE_FALLBACK_OPTIONS:
                 raise
             warnings.warn(f"compiling the decode step failed ({err}); retrying with MKL allowed", stacklevel=2)
             current = CPU_COMPILE_FALLBACK_OPTIONS
             with inductor_config.patch(current):
-                return fn(*args)
+                return cached(*args)
 
     return run

@@ -14,8 +14,8 @@ the compile settings in compile.py, the logits processors in processors.py (in t
 the sampling filters in sampling.py.
 
 Measured by scripts/bench_generate.py (SmolLM2-135M, float32, 2-core AVX-512 CPU, 2 threads,
-128 greedy tokens): transformers 18 tokens/s, ours eager 19, ours compiled 48; prefill of 512
-tokens the same on both sides (~0.8 s).
+128 greedy tokens): transformers 18 tokens/s, ours eager 19, ours compile="max-autotune" 48;
+prefill of 512 tokens the same on both sides (~0.8 s).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..cache import DynamicCache, StaticCache, key_value_heads
 from ..rope import ROPE_TYPES
-from .compile import COMPILED_CACHE_LEN_MULTIPLE, compiled_decode_step
+from .compile import COMPILED_CACHE_LEN_MULTIPLE, compile_mode, compiled_decode_step
 from .config import DEFAULTS, UNSUPPORTED, GenerationConfig, as_generation_config
 from .decoding import DynamicDecoder, StaticDecoder, decode_step, prefill
 from .outputs import GenerateOutput
@@ -63,7 +63,7 @@ class DecodingSettings:
     output_scores: bool
     output_logits: bool
     cache_implementation: str
-    compile: bool
+    compile: str | None  # a mode of compile.COMPILE_MODES, or None
     generator: torch.Generator | None
 
 
@@ -99,7 +99,7 @@ class GenerationMixin:
         streamer: Streamer | None = None,
         callback: Callable[[Tensor], None] | None = None,
         seed: int | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
         **unused: Any,
     ) -> Tensor | GenerateOutput:
         """Prompt plus new tokens (B * num_return_sequences, T + N), as transformers' generate
@@ -137,10 +137,14 @@ class GenerationMixin:
         seed: seeds a private torch.Generator for sampling, leaving the global RNG alone; None:
             the global RNG, drawn from as transformers draws (one multinomial per step).
         compile: torch.compile the single-token decode step (static cache only): CUDA graphs on
-            CUDA; on CPU inductor with frozen, prepacked weights (see CPU_COMPILE_OPTIONS: weights
-            changed afterwards are not seen until torch._dynamo.reset()). The first call compiles
-            (a minute or two on CPU); later calls with the same batch size, dtype and rounded cache
-            length (COMPILED_CACHE_LEN_MULTIPLE) reuse the graph, which never recompiles per token.
+            CUDA; on CPU inductor with the weights frozen into the graph (weights changed afterwards
+            are not seen until torch._dynamo.reset()). True: the "default" mode, kept in the
+            persistent compile cache (LLAMA_PORT_COMPILE_CACHE), so only the first process on a
+            checkpoint compiles (a minute or two on CPU) and later ones load it in seconds;
+            "max-autotune": inductor's C++ GEMM kernels over prepacked weights, the fastest decode
+            on CPU, compiled in every process (see compile.CPU_COMPILE_MODES). Later calls with
+            the same batch size, dtype and rounded cache length (COMPILED_CACHE_LEN_MULTIPLE)
+            reuse the graph, which never recompiles per token.
 
         Raises ValueError naming the argument for: an empty prompt, ids outside the vocabulary, a
         prompt plus max_new_tokens longer than max_position_embeddings (a warning instead for rope
@@ -175,11 +179,12 @@ class GenerationMixin:
             new_tokens = resolved.max_length - prompt_width
         cache = resolved.cache_implementation or "dynamic"
         _check_generation_arguments(new_tokens, resolved, cache, tokenizer)
-        if compile and cache != "static":
+        mode = compile_mode(compile)
+        if mode and cache != "static":
             raise ValueError("compile=True needs cache_implementation='static' (fixed shapes)")
         rope_name = config.rope_parameters["rope_type"]
         rope_type = ROPE_TYPES[rope_name]
-        if compile and rope_type.position_dependent:
+        if mode and rope_type.position_dependent:
             raise ValueError(
                 f"compile=True: rope_type={rope_name!r} changes its frequencies with the position, which "
                 f"one compiled graph cannot capture; use compile=False"
@@ -207,7 +212,7 @@ class GenerationMixin:
             criteria=_criteria(resolved, tokenizer, stopping_criteria), eos_ids=eos_ids,
             pad_token_id=pad, output_scores=resolved.return_dict_in_generate and resolved.output_scores,
             output_logits=resolved.return_dict_in_generate and resolved.output_logits, cache_implementation=cache,
-            compile=compile, generator=generator,
+            compile=mode, generator=generator,
         )
         with torch.inference_mode():
             output = _generate(self, input_ids, attention_mask, settings, streamer, callback)
@@ -325,19 +330,21 @@ def start_decoding(
     attention_mask: Tensor,
     max_new_tokens: int,
     cache_implementation: str,
-    compile: bool = False,
+    compile: bool | str | None = False,
 ) -> tuple[Tensor, Decoder]:
     """Prefill the prompt (B, T) into a new cache -> (its next-token logits (B, V), the decoder:
-    a callable taking each step's tokens (B, 1) and returning the next logits (B, V))."""
+    a callable taking each step's tokens (B, 1) and returning the next logits (B, V)).
+    ``compile``: as generate()'s (True, False, None or a mode of compile.COMPILE_MODES)."""
+    mode = compile_mode(compile)
     batch, prompt_length = input_ids.shape
     if cache_implementation == "static":
         cache_len = prompt_length + max_new_tokens
-        if compile:
+        if mode:
             cache_len = -(-cache_len // COMPILED_CACHE_LEN_MULTIPLE) * COMPILED_CACHE_LEN_MULTIPLE
         cache = StaticCache(model.config, batch, cache_len, input_ids.device, model.dtype, key_value_heads(model))
         logits, next_position = prefill(model, input_ids, attention_mask, cache)
-        step = compiled_decode_step(input_ids.device.type) if compile else decode_step
-        return logits, StaticDecoder(model, cache, attention_mask, next_position, step, compiled=compile)
+        step = compiled_decode_step(input_ids.device.type, mode) if mode else decode_step
+        return logits, StaticDecoder(model, cache, attention_mask, next_position, step, compiled=mode is not None)
     cache = DynamicCache()
     logits, next_position = prefill(model, input_ids, attention_mask, cache)
     return logits, DynamicDecoder(model, cache, attention_mask, next_position)
