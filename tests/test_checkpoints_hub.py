@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import ATOL, IDS, hf_load, make_hf_model, max_diff, report_max_diff, tiny_config_dict
 
-from llama_port import LlamaForCausalLM, LlamaModel
+from llama_port import LlamaConfig, LlamaForCausalLM, LlamaModel
 from llama_port.checkpoints import CheckpointSource, MissingKeysError, open_checkpoint
 
 pytest.importorskip("transformers")
@@ -234,6 +234,21 @@ def test_from_pretrained_accepts_a_source(layouts, hf_model):
     assert source.num_groups == len(list(source.iter_groups())) >= 2 + 3  # per layer (per file), embed, norm, head
     ours = LlamaForCausalLM.from_pretrained(source, attn_implementation="eager")
     assert max_diff("from a CheckpointSource", ours, hf_model) <= ATOL
+
+
+def test_models_from_one_source_keep_their_own_configs(layouts):
+    """A load writes its model's config (dtype, backend, an int8 head's tie); the source's config and
+    a config passed in stay as they were, so a second model from the same source is not relabelled."""
+    source = open_checkpoint(layouts["single"])
+    before = source.config.to_dict()
+    fp32 = LlamaForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="eager")
+    bf16 = LlamaForCausalLM.from_pretrained(source, dtype=torch.bfloat16, attn_implementation="sdpa")
+    assert (fp32.config.dtype, fp32.attn_implementation) == ("float32", "eager")
+    assert (bf16.config.dtype, bf16.attn_implementation) == ("bfloat16", "sdpa")
+    assert fp32.config is not bf16.config and source.config.to_dict() == before
+    given = LlamaConfig.from_pretrained(layouts["single"])
+    LlamaForCausalLM.from_pretrained(layouts["single"], config=given, dtype=torch.bfloat16)
+    assert given.to_dict() == LlamaConfig.from_pretrained(layouts["single"]).to_dict()
 
 
 def test_progress_bar(layouts, capsys):

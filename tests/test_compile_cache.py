@@ -170,3 +170,18 @@ def test_compile_modes_and_bad_values():
     assert compile_mode("max-autotune") == "max-autotune"
     with pytest.raises(ValueError, match="compile='fast'; expected True, False or one of"):
         tiny_model().generate(torch.tensor([[5, 6]]), cache_implementation="static", compile="fast")
+
+
+def test_each_compile_mode_compiles_its_own_graph():
+    """Dynamo keeps graphs per code object and its guards do not cover inductor's config: each mode
+    must compile its own graph, not run the one another mode compiled first for the same model."""
+    from torch._dynamo.utils import counters
+
+    model, ids = tiny_model(), torch.tensor([[5, 6, 7]])
+    with torch.inference_mode():
+        eager = model.generate(ids, max_new_tokens=3, cache_implementation="static")
+        graphs = counters["stats"]["unique_graphs"]
+        for mode in ("max-autotune", True):
+            tokens = model.generate(ids, max_new_tokens=3, cache_implementation="static", compile=mode)
+            assert torch.equal(tokens, eager), mode
+    assert counters["stats"]["unique_graphs"] - graphs == 2

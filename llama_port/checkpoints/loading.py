@@ -24,6 +24,7 @@ narrowed as it streams by, so one whole weight is in memory at a time.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import sys
@@ -189,7 +190,9 @@ def load_pretrained(
     # A backend that checks the device it runs on (flash) is selected once the weights are on it:
     # on the meta device its check could only fail.
     build_attn = attn_implementation if backend is None or backend.check_available is None else None
-    model_config = source.config if config is None else as_llama_config(config)
+    # The model's own copy, as transformers': a load writes fields (dtype, the attention backend, an
+    # int8 head's tie_word_embeddings) that must not leak into the source's or the caller's config.
+    model_config = copy.deepcopy(source.config if config is None else as_llama_config(config))
     if mesh is not None:
         check_tp_size(model_config, mesh.size())  # before anything is built or read
     model = build_meta_model(cls, model_config, target_dtype, build_attn)

@@ -65,12 +65,14 @@ CONFIGS = {
     "ours-bf16": Config("llama_port", "bf16"),
     "ours-bf16-compiled": Config("llama_port", "bf16", "default"),
     "ours-int8": Config("llama_port", "int8"),
+    "ours-int8-compiled": Config("llama_port", "int8", "default"),
     "llamacpp-f32": Config("llama.cpp", "fp32"),
     "llamacpp-bf16": Config("llama.cpp", "bf16"),
     "llamacpp-q8_0": Config("llama.cpp", "int8"),
     # Opt-in: compile="max-autotune" compiles in every process (1-2 minutes each on 2 cores).
     "ours-fp32-max-autotune": Config("llama_port", "fp32", "max-autotune"),
     "ours-bf16-max-autotune": Config("llama_port", "bf16", "max-autotune"),
+    "ours-int8-max-autotune": Config("llama_port", "int8", "max-autotune"),
 }
 DEFAULT_CONFIGS = [name for name, config in CONFIGS.items() if config.compile_mode != "max-autotune"]
 
