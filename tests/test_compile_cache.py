@@ -1,7 +1,7 @@
 """The compiled decode step's persistent cache (generation/compile_cache.py): fresh processes of a
 tiny model sharing one cache directory. The second process loads instead of compiling and gives
-eager's greedy tokens; a model of the same shapes with other weights gets its own entry and its
-own correct tokens; a corrupt artifact file is ignored with a warning; the stderr message comes
+eager's greedy tokens; a model of the same shapes with other weights shares the entry (its weights
+are graph inputs) and gets its own correct tokens; a corrupt artifact file is ignored with a warning; the stderr message comes
 once per process. The key and the artifact file format are checked without compiling."""
 
 from __future__ import annotations
@@ -85,15 +85,16 @@ def test_second_process_loads_from_the_cache(first_run):
     assert result["hit"] >= 1
 
 
-def test_same_shapes_other_weights_get_their_own_entry_and_tokens(first_run):
-    """Frozen weights are constants of the graph: a cache keyed by shapes alone would hand this
-    model the first one's graph. Ours is keyed by the weights too."""
+def test_same_shapes_other_weights_share_the_entry_and_get_their_own_tokens(first_run):
+    """The default mode does not freeze: the weights are inputs of the cached graph, so a model of
+    the same shapes with other weights loads the first one's entry and must still decode with its
+    own weights (a graph holding the first model's weights would give the first model's tokens)."""
     cache_dir, first, _ = first_run
     result, stderr = run_child(1, cache_dir)
     assert result["eager"] != first["eager"]  # the weights really differ
     assert result["compiled"] == result["eager"] == result["again"]
-    assert stderr.count("compiling the decode step (first call; cached in") == 1, stderr
-    assert len(artifacts(cache_dir)) == 2
+    assert stderr.count("loading the compiled decode step from the cache") == 1, stderr
+    assert result["hit"] >= 1 and len(artifacts(cache_dir)) == 1
 
 
 def test_corrupt_artifact_is_ignored_with_a_warning_and_rewritten(first_run):
@@ -117,11 +118,13 @@ def key_of(model, batch: int = 1, cache_len: int = 256, options=CPU_COMPILE_MODE
     return compile_cache.step_key(compile_cache.step_key_fields(model, batch, cache_len, "cpu", options))
 
 
-def test_key_covers_weights_shapes_dtype_and_options():
+def test_key_covers_shapes_dtype_options_and_frozen_weights():
     base = key_of(tiny_model())
     assert key_of(tiny_model()) == base  # the same weights in another object: the same entry
+    assert key_of(tiny_model(seed=1)) == base  # not frozen: the weights are graph inputs
+    frozen = CPU_COMPILE_MODES["max-autotune"]
+    assert key_of(tiny_model(seed=1), options=frozen) != key_of(tiny_model(), options=frozen)  # constants
     others = [
-        key_of(tiny_model(seed=1)),
         key_of(tiny_model(dtype=torch.bfloat16)),
         key_of(tiny_model(), batch=2),
         key_of(tiny_model(), cache_len=512),
@@ -172,11 +175,13 @@ def test_compile_modes_and_bad_values():
         tiny_model().generate(torch.tensor([[5, 6]]), cache_implementation="static", compile="fast")
 
 
-def test_each_compile_mode_compiles_its_own_graph():
+def test_each_compile_mode_compiles_its_own_graph(monkeypatch, tmp_path, capfd):
     """Dynamo keeps graphs per code object and its guards do not cover inductor's config: each mode
-    must compile its own graph, not run the one another mode compiled first for the same model."""
+    must compile its own graph, not run the one another mode compiled first for the same model.
+    max-autotune, which PyTorch cannot cache on CPU, says so and writes no entry; the default mode does."""
     from torch._dynamo.utils import counters
 
+    monkeypatch.setenv("LLAMA_PORT_COMPILE_CACHE", str(tmp_path))
     model, ids = tiny_model(), torch.tensor([[5, 6, 7]])
     with torch.inference_mode():
         eager = model.generate(ids, max_new_tokens=3, cache_implementation="static")
@@ -185,3 +190,7 @@ def test_each_compile_mode_compiles_its_own_graph():
             tokens = model.generate(ids, max_new_tokens=3, cache_implementation="static", compile=mode)
             assert torch.equal(tokens, eager), mode
     assert counters["stats"]["unique_graphs"] - graphs == 2
+    stderr = capfd.readouterr().err
+    assert stderr.count("compile='max-autotune' compiles in every process") == 1, stderr
+    assert stderr.count(f"compiling the decode step (first call; cached in {tmp_path})") == 1, stderr
+    assert len(artifacts(tmp_path)) == 1  # the default mode's entry only

@@ -283,16 +283,18 @@ def test_compiled_decode_step_matches_eager_without_recompiling(tiny_model):
 
 # ----------------------------------------------------------------------- the real SmolLM2-135M
 @pytest.mark.slow
-@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("cache", ["dynamic", "static", "static-compiled"])
 def test_smollm2_greedy_matches_transformers(smollm2_pair, cache):
-    """64 greedy tokens, a single prompt and a left-padded batch, token for token."""
+    """64 greedy tokens, a single prompt and a left-padded batch, token for token; compiled
+    (compile=True, fp32), the left-padded batch only (one compile)."""
     hf, ours, tokenizer = smollm2_pair
     prompts = [
         "The capital of France is",
         "def fibonacci(n):\n    ",
         "Once upon a time, in a small village by the sea,",
     ]
-    for batch in (prompts[:1], prompts[1:]):
+    compiled = cache == "static-compiled"
+    for batch in (prompts[1:],) if compiled else (prompts[:1], prompts[1:]):
         encoded = tokenizer(batch, return_tensors="pt", padding=True)
         expected = hf.generate(
             **encoded, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=[],
@@ -300,7 +302,7 @@ def test_smollm2_greedy_matches_transformers(smollm2_pair, cache):
         )
         got = ours.generate(
             encoded["input_ids"], attention_mask=encoded["attention_mask"], max_new_tokens=NEW_TOKENS,
-            eos_token_id=[], cache_implementation=cache,
+            eos_token_id=[], cache_implementation="dynamic" if cache == "dynamic" else "static", compile=compiled,
         )
         assert got.shape[1] == encoded["input_ids"].shape[1] + NEW_TOKENS
         assert torch.equal(got, expected), tokenizer.batch_decode(got)

@@ -18,27 +18,41 @@ from .decoding import decode_step
 # Inductor options for the decode step off CUDA, one set per compile mode.
 #
 # A one-token step is a chain of matrix-vector products whose speed is how fast the weights stream
-# from memory. Both modes freeze the weights into the graph as constants (constant folding, and the
-# fusions of everything between the products).
+# from memory.
 #
-# "max-autotune" (compile="max-autotune"): inductor prepacks the frozen weights (oneDNN) for its
-# C++ GEMM template, vectorised micro-kernels over the packed weights, which max_autotune enables;
-# MKL (ATEN) is left out of the candidates on purpose: autotuning times each candidate on warm
-# caches, where MKL often wins, but the real step streams the weights from DRAM, where the template
-# is about twice as fast (SmolLM2-135M on the 2-core AVX-512 benchmark machine: ~21 ms per token
-# against ~42 ms with MKL's kernels). Its price: 60-130 s of compiling in *every* process, because
-# the oneDNN-packed weights are tensors inductor's FX graph cache cannot store ("mkldnn tensors
-# unpickleable": it bypasses the cache; AOTAutograd's cache refuses frozen graphs too), and the
-# C++ template is only offered when that prepacking is on (torch 2.13's use_cpp_gemm_template).
+# "default" (compile=True): no freezing, no prepacking, MKL's kernels, no autotuning. The weights
+# stay inputs of the graph (so a weight changed in place after compiling is seen), inductor fuses
+# everything between the products, and all it makes is stored by its FX graph cache (and our
+# artifact file): a second process on the same checkpoint loads the step instead of compiling it
+# (compile_cache.py; measured in the README). Freezing bought nothing here (SmolLM2-135M fp32, 2
+# threads: 34.4-36.4 tok/s frozen, 35.0-35.5 not) and cost 8 s of compiling and 3.7 s of every
+# second process; it also made the mode depend on the process's history: inductor registers its
+# weight-prepacking passes once, at the first frozen compile, if prepacking is on then
+# (freezing_patterns.lazy_init), and applies them to every later frozen graph, so a frozen "default"
+# step after a "max-autotune" one was prepacked and uncacheable, and a "max-autotune" step after a
+# frozen "default" one was never prepacked.
 #
-# "default" (compile=True): prepacking off, MKL's kernels, no autotuning: everything inductor
-# makes is stored by its FX graph cache (and our artifact file), so a second process on the same
-# checkpoint loads the step instead of compiling it (compile_cache.py; measured in the README).
+# "max-autotune" (compile="max-autotune"): the weights frozen into the graph as constants, which
+# inductor prepacks (oneDNN) for its C++ GEMM template, vectorised micro-kernels over the packed
+# weights, which max_autotune enables; MKL (ATEN) is left out of the candidates on purpose:
+# autotuning times each candidate on warm caches, where MKL often wins, but the real step streams
+# the weights from DRAM. Measured on the 2-core AVX-512 machine (SmolLM2-135M, README): about 1.9x
+# the default mode in bfloat16 and 1.4x for int8; in float32 the template is level with MKL. Its
+# price: about a minute of compiling in *every* process, because the oneDNN-packed weights are
+# tensors inductor's FX graph cache cannot store ("mkldnn tensors unpickleable": it bypasses the
+# cache; AOTAutograd's cache refuses frozen graphs too), and the C++ template is only offered when
+# that prepacking is on (torch 2.13's use_cpp_gemm_template). Weights changed after compiling are
+# not seen until torch._dynamo.reset().
 CPU_COMPILE_MODES: dict[str, dict[str, object]] = {
-    "default": {"freezing": True, "cpp.weight_prepack": False},
+    "default": {"freezing": False},
     "max-autotune": {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP"},
 }
 COMPILE_MODES = tuple(CPU_COMPILE_MODES)
+# Modes whose CPU step PyTorch 2.13 cannot keep in its caches (above): they compile in every
+# process, so no cache entry is keyed or written for them; the first call says why.
+UNCACHEABLE_CPU_MODES = {
+    "max-autotune": "compile='max-autotune' compiles in every process: PyTorch cannot cache its prepacked weights",
+}
 # Where the C++ template cannot compile a product (no candidate left), retry once with MKL allowed.
 CPU_COMPILE_FALLBACK_OPTIONS = {**CPU_COMPILE_MODES["max-autotune"], "max_autotune_gemm_backends": "CPP,ATEN"}
 # A compiled step is specialised to the cache length; rounding it up lets prompts of different
@@ -94,9 +108,13 @@ def cached_step_for(
 ) -> CachedStep:
     """The cache entry for ``model`` decoding a batch like ``input_ids`` (B, 1) over ``cache`` (a
     StaticCache) in ``mode``; its key is computed once per model, shapes and mode in a process
-    (it hashes the weights)."""
+    (it hashes the weights). A mode of UNCACHEABLE_CPU_MODES off CUDA gets an entry with no
+    directory: nothing is keyed, read or written."""
     entries = _CACHED_STEPS.setdefault(model, {})
     shapes = (input_ids.shape[0], cache.max_cache_len, mode)
+    uncached_reason = UNCACHEABLE_CPU_MODES.get(mode) if input_ids.device.type != "cuda" else None
+    if shapes not in entries and uncached_reason is not None:
+        entries[shapes] = CachedStep("", None, uncached_reason=uncached_reason)
     if shapes not in entries:
         fields = step_key_fields(model, shapes[0], shapes[1], input_ids.device.type, options)
         entries[shapes] = CachedStep(step_key(fields), cache_directory(), fields)

@@ -1,22 +1,24 @@
 """A persistent cache of the compiled decode step across processes, built on PyTorch's own caches.
 
-What is kept: inductor's FX graph cache (the generated code, its compiled C++ and, with freezing,
-the constants it folded) and its autotuning results live in ``DIR/torch`` (inductor's cache
-directory, pointed there only while our step runs), and after a compile the same entries are also
-written as one mega-cache file ``DIR/<key>.artifacts`` (``torch.compiler.save_cache_artifacts``),
-read back with ``load_cache_artifacts`` before a later process's first call. AOTAutograd's cache
-refuses graphs with frozen weights, so a second process still traces the step (dynamo and
-AOTAutograd) and runs the freezing pass; what it skips is inductor's lowering, autotuning and
-C++ compiling, the bulk of the first call.
+What is kept: inductor's FX graph cache (the generated code and its compiled C++) and its
+autotuning results live in ``DIR/torch`` (inductor's cache directory, pointed there only while our
+step runs), and after a compile the same entries are also written as one mega-cache file
+``DIR/<key>.artifacts`` (``torch.compiler.save_cache_artifacts``), read back with
+``load_cache_artifacts`` before a later process's first call. A second process still traces the
+step (dynamo); what it skips is inductor's lowering and C++ compiling, the bulk of the first call.
 
-Why the key holds the weights: with freezing the weights are constants of the graph, and the
-constants inductor derives from them at lowering time (its C++ GEMM template's packed copies)
-are stored in the FX cache entry by value, while torch's own key describes the frozen weights by
-shape and dtype only. So two checkpoints of one shape could share an entry and the second would
-run the first's weights. Our key (``step_key``) therefore holds a SHA-256 of every parameter and
-buffer, beside everything else that changes the graph, and goes into torch's own keys through
-``torch.compiler.config.cache_key_tag``: a different model, dtype, shape, backend, torch or
-llama_port source never reuses an entry.
+The key (``step_key``) holds everything that changes the graph: versions, the device and ISA, the
+model's class and config, dtype, backend, shapes and the inductor options. It goes into torch's
+own keys through ``torch.compiler.config.cache_key_tag``, so a different model, dtype, shape,
+backend, torch or llama_port source never reuses an entry. The weights are in the key only for a
+step compiled with freezing (``inductor_options["freezing"]``): there they are constants of the
+graph, and the constants inductor derives from them at lowering time (its C++ GEMM template's
+packed copies) are stored in the FX cache entry by value while torch's own key describes them by
+shape and dtype only, so two checkpoints of one shape could share an entry and the second run the
+first's weights; a SHA-256 of every parameter and buffer prevents that. Without freezing (the
+default mode) the weights are inputs of the graph, no entry holds their values, and two
+checkpoints of one shape share one entry, each running its own weights (tested); hashing them
+would cost a pass over every byte (1.8 s for SmolLM2-135M in fp32, proportionally more for larger models).
 
 ``LLAMA_PORT_COMPILE_CACHE`` picks the directory (default ``$XDG_CACHE_HOME/llama_port/compile``,
 else ``~/.cache/llama_port/compile``); ``off`` (or ``0``, ``false``, ``no``, empty) turns the
@@ -47,7 +49,7 @@ ARTIFACT_SUFFIX = ".artifacts"
 # An artifact file: this line, the payload's SHA-256 in hex and a newline, then the payload (the
 # bytes of torch.compiler.save_cache_artifacts). A truncated or altered file fails the digest.
 ARTIFACT_MAGIC = b"llama_port compile cache v1\n"
-KEY_FORMAT = 1  # bump when what the key covers changes
+KEY_FORMAT = 2  # bump when what the key covers changes
 # Config fields that describe a checkpoint, not the graph: left out of the key (the dtype the step
 # runs in is keyed from the model's parameters). The loader sets config.dtype per load, on a config
 # two loads of one source can share, so keying it made equal models miss each other's entries.
@@ -112,8 +114,9 @@ def step_key_fields(
 ) -> dict[str, Any]:
     """Everything that changes the compiled decode step's graph or its constants, as JSON-able
     data: versions (torch, Python, llama_port and a digest of its sources), the device and CPU
-    ISA, the model (class, whole config, dtype, attention backend, weights digest), the static
-    cache's batch size and length, and the inductor options."""
+    ISA, the model (class, whole config, dtype, attention backend), the static cache's batch size
+    and length, the inductor options, and with freezing among them a digest of the weights (the
+    graph's constants; module docstring)."""
     from .. import (
         __version__,  # the package's version (llama_port/__init__.py, imported by now)
     )
@@ -133,7 +136,7 @@ def step_key_fields(
         "batch_size": batch_size,
         "max_cache_len": max_cache_len,
         "inductor_options": options,
-        "weights": weights_digest(model),
+        "weights": weights_digest(model) if options.get("freezing") else "graph inputs",
     }
 
 
@@ -217,6 +220,7 @@ class CachedStep:
     key: str
     directory: Path | None
     fields: dict[str, Any] = field(default_factory=dict)
+    uncached_reason: str | None = None  # why ``directory`` is None for a step that is never cached
     first_call_done: bool = False
     announced: bool = False
     loaded: bool = False
@@ -253,7 +257,8 @@ class CachedStep:
             if self.loaded:
                 _say(f"loading the compiled decode step from the cache ({self.artifact_path})")
             elif self.directory is None:
-                _say(f"compiling the decode step (first call; {CACHE_ENV_VAR} is off, nothing cached)...")
+                reason = self.uncached_reason or f"{CACHE_ENV_VAR} is off"
+                _say(f"compiling the decode step (first call; {reason}, nothing cached)...")
             else:
                 _say(f"compiling the decode step (first call; cached in {self.directory})...")
             self.announced = True

@@ -13,9 +13,8 @@ model.generation_config > transformers' defaults). The decode loops themselves a
 the compile settings in compile.py, the logits processors in processors.py (in transformers' order),
 the sampling filters in sampling.py.
 
-Measured by scripts/bench_generate.py (SmolLM2-135M, float32, 2-core AVX-512 CPU, 2 threads,
-128 greedy tokens): transformers 18 tokens/s, ours eager 19, ours compile="max-autotune" 48;
-prefill of 512 tokens the same on both sides (~0.8 s).
+Speed: ``llama-port bench`` (generation/benchmark.py) measures every configuration against
+transformers and llama.cpp in one run; the figures are in the README ("Generation speed").
 """
 
 from __future__ import annotations
@@ -137,12 +136,13 @@ class GenerationMixin:
         seed: seeds a private torch.Generator for sampling, leaving the global RNG alone; None:
             the global RNG, drawn from as transformers draws (one multinomial per step).
         compile: torch.compile the single-token decode step (static cache only): CUDA graphs on
-            CUDA; on CPU inductor with the weights frozen into the graph (weights changed afterwards
-            are not seen until torch._dynamo.reset()). True: the "default" mode, kept in the
-            persistent compile cache (LLAMA_PORT_COMPILE_CACHE), so only the first process on a
-            checkpoint compiles (a minute or two on CPU) and later ones load it in seconds;
-            "max-autotune": inductor's C++ GEMM kernels over prepacked weights, the fastest decode
-            on CPU, compiled in every process (see compile.CPU_COMPILE_MODES). Later calls with
+            CUDA; on CPU inductor (see compile.CPU_COMPILE_MODES). True: the "default" mode, the
+            weights inputs of the graph, kept in the persistent compile cache
+            (LLAMA_PORT_COMPILE_CACHE), so only the first process on a model's shapes compiles (half
+            a minute or more on CPU) and later ones load it in seconds; "max-autotune": the weights
+            frozen into the graph (changed afterwards, they are not seen until
+            torch._dynamo.reset()) and prepacked for inductor's C++ GEMM kernels, the fastest
+            bfloat16 and int8 decode on CPU, compiled in every process. Later calls with
             the same batch size, dtype and rounded cache length (COMPILED_CACHE_LEN_MULTIPLE)
             reuse the graph, which never recompiles per token.
 
