@@ -194,3 +194,19 @@ def test_each_compile_mode_compiles_its_own_graph(monkeypatch, tmp_path, capfd):
     assert stderr.count("compile='max-autotune' compiles in every process") == 1, stderr
     assert stderr.count(f"compiling the decode step (first call; cached in {tmp_path})") == 1, stderr
     assert len(artifacts(tmp_path)) == 1  # the default mode's entry only
+
+
+def test_default_mode_sees_weights_changed_in_place_after_compiling():
+    """compile=True does not freeze: the weights are graph inputs, so an in-place update (a training
+    step, a LoRA merge) is decoded with, without recompiling."""
+    model, ids = tiny_model(), torch.tensor([[5, 6, 7]])
+    kwargs = dict(max_new_tokens=6, cache_implementation="static", eos_token_id=[])
+    with torch.inference_mode():
+        before = model.generate(ids, compile=True, **kwargs)
+        assert torch.equal(before, model.generate(ids, **kwargs))
+        torch.manual_seed(1)
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.5)
+        eager = model.generate(ids, **kwargs)
+        assert not torch.equal(eager, before)  # the change really changes the tokens
+        assert torch.equal(model.generate(ids, compile=True, **kwargs), eager)

@@ -25,8 +25,8 @@ from .decoding import decode_step
 # everything between the products, and all it makes is stored by its FX graph cache (and our
 # artifact file): a second process on the same checkpoint loads the step instead of compiling it
 # (compile_cache.py; measured in the README). Freezing bought nothing here (SmolLM2-135M fp32, 2
-# threads: 34.4-36.4 tok/s frozen, 35.0-35.5 not) and cost 8 s of compiling and 3.7 s of every
-# second process; it also made the mode depend on the process's history: inductor registers its
+# threads: 34.4-36.4 tok/s frozen, 35.0-36.4 not) and cost about 8 s of compiling and 4 s of
+# every second process; it also made the mode depend on the process's history: inductor registers its
 # weight-prepacking passes once, at the first frozen compile, if prepacking is on then
 # (freezing_patterns.lazy_init), and applies them to every later frozen graph, so a frozen "default"
 # step after a "max-autotune" one was prepacked and uncacheable, and a "max-autotune" step after a
@@ -36,8 +36,8 @@ from .decoding import decode_step
 # inductor prepacks (oneDNN) for its C++ GEMM template, vectorised micro-kernels over the packed
 # weights, which max_autotune enables; MKL (ATEN) is left out of the candidates on purpose:
 # autotuning times each candidate on warm caches, where MKL often wins, but the real step streams
-# the weights from DRAM. Measured on the 2-core AVX-512 machine (SmolLM2-135M, README): about 1.9x
-# the default mode in bfloat16 and 1.4x for int8; in float32 the template is level with MKL. Its
+# the weights from DRAM. Measured on the 2-core AVX-512 machine (SmolLM2-135M, README): 2.0x the
+# default mode in bfloat16, 1.6x for int8, 1.06x in float32 (where the template is level with MKL). Its
 # price: about a minute of compiling in *every* process, because the oneDNN-packed weights are
 # tensors inductor's FX graph cache cannot store ("mkldnn tensors unpickleable": it bypasses the
 # cache; AOTAutograd's cache refuses frozen graphs too), and the C++ template is only offered when
