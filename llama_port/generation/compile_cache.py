@@ -257,8 +257,8 @@ class CachedStep:
             if self.loaded:
                 _say(f"loading the compiled decode step from the cache ({self.artifact_path})")
             elif self.directory is None:
-                reason = self.uncached_reason or f"{CACHE_ENV_VAR} is off"
-                _say(f"compiling the decode step (first call; {reason}, nothing cached)...")
+                reason = self.uncached_reason or f"{CACHE_ENV_VAR} is off, nothing cached"
+                _say(f"compiling the decode step (first call; {reason})...")
             else:
                 _say(f"compiling the decode step (first call; cached in {self.directory})...")
             self.announced = True
