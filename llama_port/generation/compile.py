@@ -38,7 +38,7 @@ from .decoding import decode_step
 # autotuning times each candidate on warm caches, where MKL often wins, but the real step streams
 # the weights from DRAM. Measured on the 2-core AVX-512 machine (SmolLM2-135M, README): 2.0x the
 # default mode in bfloat16, 1.6x for int8, 1.06x in float32 (where the template is level with MKL). Its
-# price: about a minute of compiling in *every* process, because the oneDNN-packed weights are
+# price: a minute or more of compiling in *every* process, because the oneDNN-packed weights are
 # tensors inductor's FX graph cache cannot store ("mkldnn tensors unpickleable": it bypasses the
 # cache; AOTAutograd's cache refuses frozen graphs too), and the C++ template is only offered when
 # that prepacking is on (torch 2.13's use_cpp_gemm_template). Weights changed after compiling are
@@ -112,7 +112,7 @@ def cached_step_for(
 ) -> CachedStep:
     """The cache entry for ``model`` decoding a batch like ``input_ids`` (B, 1) over ``cache`` (a
     StaticCache) in ``mode``; its key is computed once per model, shapes and mode in a process
-    (it hashes the weights). A mode of UNCACHEABLE_CPU_MODES off CUDA gets an entry with no
+    (for a frozen graph it hashes the weights). A mode of UNCACHEABLE_CPU_MODES off CUDA gets an entry with no
     directory: nothing is keyed, read or written."""
     entries = _CACHED_STEPS.setdefault(model, {})
     shapes = (input_ids.shape[0], cache.max_cache_len, mode)
