@@ -8,7 +8,6 @@ transformers state dict loads with no renaming. This module knows nothing of che
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn

@@ -18,11 +18,14 @@ import time
 
 import torch
 
+# The child's own VmHWM: ru_maxrss would report the forking parent's peak (it survives execve),
+# and this parent holds three loaded models by then (see scripts/bench_load.py).
 LOAD = """
-import resource, sys, torch, llama_port
+import re, sys, torch, llama_port
+from pathlib import Path
 from llama_port.checkpoints import default_checkpoint
 model = llama_port.LlamaForCausalLM.from_pretrained(default_checkpoint(), dtype=torch.float32, quantize={quantize!r})
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print(int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024)
 """
 
 

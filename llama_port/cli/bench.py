@@ -133,9 +133,9 @@ def run(args: argparse.Namespace) -> int:
         key = (config.library, config.precision)
         if config.library == "llama.cpp" or key in models or key in load_errors:
             continue
-        try:  # a source per model: a load sets fields of its source's config
-            models[key] = _load(open_source(args.checkpoint), config, args.device)
-        except (TypeError, ValueError) as err:  # int8: from_pretrained(quantize=...) not (yet) supported
+        try:  # one source for every model: each load works on its own copy of the config
+            models[key] = _load(source, config, args.device)
+        except ValueError as err:  # e.g. int8 on a device its kernel does not run on
             load_errors[key] = f"{type(err).__name__}: {err}"
             log(f"skipping {config.title}: {load_errors[key]}")
     ours_fp32 = models.get(("llama_port", "fp32"))
@@ -182,10 +182,8 @@ def _load(source: Any, config: Config, device: str) -> Any:
     """The model a (library, precision) runs: ours or transformers' in fp32 / bf16, ours in int8."""
     if config.library == "transformers":
         return load_reference(source, DTYPE_OF[config.precision], device)
-    if config.precision == "int8":
-        from ..modeling import LlamaForCausalLM
-
-        return LlamaForCausalLM.from_pretrained(str(source.location), quantize="int8").to(device).eval()
+    if config.precision == "int8":  # int8 projections, the rest in float32
+        return load_model(source, "float32", device, quantize="int8")
     return load_model(source, DTYPE_OF[config.precision], device)
 
 
@@ -212,6 +210,7 @@ def _llama_cpp_cases(
         if tokenizer is not None:
             tokenizer.save_pretrained(hf_dir)
     cases = []
+    weights_per_token = weights_read_per_token(ours_fp32)
     for name in names:
         precision = CONFIGS[name].precision
         try:
@@ -222,5 +221,5 @@ def _llama_cpp_cases(
             log(f"skipping {name}: {err}")
             continue
         cases.append(llama_cpp_case(tools, gguf, precision, args.prefill_tokens, args.new_tokens, torch.get_num_threads(),
-                                    weights_read_per_token(ours_fp32), args.llama_bench_repetitions))
+                                    weights_per_token, args.llama_bench_repetitions))
     return cases

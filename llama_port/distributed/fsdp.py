@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from ..modeling import LlamaDecoderLayer
+from .tensor_parallel import default_mesh
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -99,7 +100,7 @@ def shard_model(
             "torch.distributed.init_process_group() first"
         )
 
-    mesh = _default_mesh() if mesh is None else mesh
+    mesh = default_mesh() if mesh is None else mesh
     policy = {} if mp_policy is None else {"mp_policy": mp_policy}
     for layer in layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, **policy)
@@ -151,15 +152,6 @@ def save_full_checkpoint(
     if outcome[0] is not None:
         raise RuntimeError(f"save_full_checkpoint({str(save_directory)!r}): rank 0 failed to write: {outcome[0]}")
     return Path(save_directory)
-
-
-def _default_mesh() -> DeviceMesh:
-    """A 1-D mesh over the default process group, on CUDA for an nccl group and on the CPU otherwise."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    device_type = "cuda" if "nccl" in str(dist.get_backend()) else "cpu"
-    return init_device_mesh(device_type, (dist.get_world_size(),))
 
 
 def _parameters_by_unit(model: nn.Module, layers: list[nn.Module]) -> list[list[str]]:

@@ -101,12 +101,8 @@ def tensor_parallel_mesh(tp_plan: str | None, device_mesh: Any = None) -> Any:
     if tp_plan is not None and tp_plan not in TP_PLANS:
         raise ValueError(f"tp_plan={tp_plan!r}; expected one of {list(TP_PLANS)} (transformers' plan for Llama)")
     if device_mesh is None:
-        import torch.distributed as dist
-        from torch.distributed.device_mesh import init_device_mesh
-
         init_process_group_from_env()
-        device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        return init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=(MESH_DIM,))
+        return default_mesh(MESH_DIM)
     names = device_mesh.mesh_dim_names or ()
     if device_mesh.ndim == 1:
         return device_mesh
@@ -116,6 +112,18 @@ def tensor_parallel_mesh(tp_plan: str | None, device_mesh: Any = None) -> Any:
         f"device_mesh has {device_mesh.ndim} dimensions {names}; pass a 1-D mesh or one with a dimension named "
         f"{MESH_DIM!r} (tensor parallelism shards over it)"
     )
+
+
+def default_mesh(dim_name: str | None = None) -> Any:
+    """A 1-D DeviceMesh over every process of the (initialised) default group, named ``dim_name``:
+    on CUDA when the group's backend includes nccl (each process on its current device), else on
+    the CPU (gloo). The one place tensor parallelism and FSDP2 pick their default mesh."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device_type = "cuda" if "nccl" in str(dist.get_backend()) else "cpu"
+    names = None if dim_name is None else (dim_name,)
+    return init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=names)
 
 
 def mesh_device(mesh: Any) -> torch.device:

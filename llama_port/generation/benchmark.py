@@ -109,30 +109,27 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def decode_bytes_per_token(model: nn.Module) -> float:
-    """Bytes of weights one decode step reads: every parameter and buffer except the input
-    embedding, of which a step reads one row (unless the head is tied to it, then it is the head
-    and read whole). The KV cache is left out (small beside the weights for short contexts)."""
+def _tensors_read_per_token(model: nn.Module, buffers: bool) -> list[Tensor]:
+    """The parameters (and with ``buffers`` the buffers) one decode step reads whole, each shared
+    tensor once: all but an untied input embedding, of which a step reads one row (tied, it is the
+    head and read whole)."""
     embedding = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
-    seen: set[int] = set()
-    total = 0
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if id(tensor) in seen or (tensor is embedding and head is not embedding):
-            continue
-        seen.add(id(tensor))
-        total += tensor.numel() * tensor.element_size()
-    return float(total)
+    tensors = [*model.parameters(), *(model.buffers() if buffers else ())]
+    unique = {id(t): t for t in tensors if not (t is embedding and head is not embedding)}
+    return list(unique.values())
+
+
+def decode_bytes_per_token(model: nn.Module) -> float:
+    """Bytes of weights one decode step reads (``_tensors_read_per_token``, buffers included). The
+    KV cache is left out (small beside the weights for short contexts)."""
+    return float(sum(t.numel() * t.element_size() for t in _tensors_read_per_token(model, buffers=True)))
 
 
 def weights_read_per_token(model: nn.Module) -> int:
-    """The number of weights one decode step reads (as decode_bytes_per_token, counted in values),
-    for pricing other storage formats (GGUF_BYTES_PER_WEIGHT)."""
-    embedding = model.get_input_embeddings().weight
-    head = model.get_output_embeddings().weight
-    skip = {id(embedding)} if head is not embedding else set()
-    counted = {id(p): p.numel() for p in model.parameters() if id(p) not in skip}
-    return sum(counted.values())
+    """The number of weights one decode step reads (its parameters, as decode_bytes_per_token,
+    counted in values), for pricing other storage formats (GGUF_BYTES_PER_WEIGHT)."""
+    return sum(t.numel() for t in _tensors_read_per_token(model, buffers=False))
 
 
 def measure_read_bandwidth(megabytes: int = 1024, repeats: int = 5, device: str | torch.device = "cpu") -> float:
