@@ -7,6 +7,7 @@ compatibility attributes, and torch.export / torch.compile(fullgraph=True) of th
 
 from __future__ import annotations
 
+import copy
 import pickle
 from pathlib import Path
 
@@ -398,6 +399,36 @@ def test_compile_fullgraph_gives_eager_logits(traced_pairs, backend, mask):
         logits = compiled(IDS, **kwargs).logits
     diff = report_max_diff(f"torch.compile(fullgraph=True) {backend} {mask}", (logits - expected).abs().max().item())
     assert diff <= 1e-5
+
+
+def test_compiled_one_token_step_attends_on_packed_gqa_queries(traced_pairs):
+    """Under torch.compile a one-token sdpa step packs its query heads, (B, H, 1, D) ->
+    (B, Hkv, n_rep, D), against keys and values as cached, (B, Hkv, S, D): no repeat_kv copies in
+    the compiled decode step (generation speed, README). Its logits are eager's, where the mask
+    (left padding) rules out SDPA's native GQA."""
+    model = traced_pairs["sdpa"]
+    config = model.config
+    sdpa_shapes = []
+
+    def recording_backend(graph_module, example_inputs):
+        for node in graph_module.graph.nodes:
+            if node.target is torch.nn.functional.scaled_dot_product_attention:
+                sdpa_shapes.append([tuple(arg.meta["example_value"].shape) for arg in node.args[:3]])
+        return graph_module.forward
+
+    with torch.no_grad():
+        prefix = model(IDS[:, :-1], attention_mask=MASK[:, :-1], use_cache=True).past_key_values
+        expected = model(IDS[:, -1:], attention_mask=MASK, past_key_values=copy.deepcopy(prefix), use_cache=True).logits
+        step = torch.compile(model, backend=recording_backend, fullgraph=True)
+        logits = step(IDS[:, -1:], attention_mask=MASK, past_key_values=prefix, use_cache=True).logits
+    batch, length = IDS.shape
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = model.model.layers[0].self_attn.head_dim
+    assert kv_heads < heads
+    packed = [(batch, kv_heads, heads // kv_heads, head_dim), (batch, kv_heads, length, head_dim), (batch, kv_heads, length, head_dim)]
+    assert sdpa_shapes == [packed] * config.num_hidden_layers
+    diff = report_max_diff("compiled one-token step (packed GQA) vs eager", (logits - expected).abs().max().item())
+    assert diff <= 1e-6
 
 
 def test_flash_reference_traced_branch_is_exact_for_an_all_real_mask(monkeypatch):
