@@ -98,7 +98,7 @@ def main() -> int:
             row["decode_tok_s"] = args.new_tokens / _timed(gen, repeats=2)
         results.append(row)
         print(json.dumps(row))
-        del ours
+        ours = gen = None  # free this backend's weights before the next one loads
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as handle:
