@@ -281,6 +281,39 @@ def test_compiled_decode_step_matches_eager_without_recompiling(tiny_model):
     assert torch.equal(again, tiny_model.generate(ids2, attention_mask=mask2, max_new_tokens=12, eos_token_id=[]))
 
 
+def test_half_precision_compiled_step_decomposes_its_row_products():
+    """compile=True on a bfloat16 model at batch 1: inductor's decompose_mm_pass makes every
+    one-row product its own fused reduction (compile.DECOMPOSED_PRODUCTS_OPTIONS), the 4096-row
+    head too (past the pass's 2048 limit, which is restored after); logits within 4 bf16 ulps of
+    eager bf16's (the largest logit's). A float32 model keeps MKL's products (none decomposed)."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.fx_passes import decompose_mem_bound_mm
+
+    limit = decompose_mem_bound_mm.cpu_max_other_dimension_decomposition
+    hf = make_hf_model(tiny_config_dict(**GEN_CONFIG, vocab_size=4096), attn_implementation="sdpa")
+    ids = left_padded_batch((5,), vocab=4096)[0]
+    kwargs = dict(max_new_tokens=6, eos_token_id=[], cache_implementation="static", return_dict_in_generate=True, output_logits=True)
+    for dtype in (torch.bfloat16, torch.float32):
+        model = make_port_model(hf, attn_implementation="sdpa").to(dtype)
+        eager = model.generate(ids, **kwargs)
+        torch._dynamo.reset()
+        counters.clear()
+        with torch._inductor.config.patch(force_disable_caches=True):  # the pass runs, no cache hit
+            compiled = model.generate(ids, compile=True, **kwargs)
+        products = 7 * model.config.num_hidden_layers + 1 if dtype == torch.bfloat16 else 0
+        assert counters["inductor"]["decompose_mm"] == products, dict(counters["inductor"])
+        assert decompose_mem_bound_mm.cpu_max_other_dimension_decomposition == limit
+        # Step i's logits pick new token i from the tokens before it: compared while those agree
+        # (step 0 is the eager prefill, so at least step 1, the first compiled one, is compared).
+        new_eager, new_compiled = eager.sequences[0, ids.shape[1] :], compiled.sequences[0, ids.shape[1] :]
+        agreeing = int((new_eager == new_compiled).long().cumprod(0).sum())
+        steps = range(1, min(agreeing, len(eager.logits) - 1) + 1)
+        diff = max((eager.logits[i] - compiled.logits[i]).abs().max().item() for i in steps)
+        report_max_diff(f"compile=True {dtype} vs eager logits over {len(steps)} steps", diff)
+        largest = max(eager.logits[i].abs().max().item() for i in steps)
+        assert diff <= (4 * torch.finfo(torch.bfloat16).eps * largest if dtype == torch.bfloat16 else 1e-4), largest
+
+
 # ----------------------------------------------------------------------- the real SmolLM2-135M
 @pytest.mark.slow
 @pytest.mark.parametrize("cache", ["dynamic", "static", "static-compiled"])

@@ -44,7 +44,7 @@ def sdpa_attention_forward(
             # Also under torch.compile, where transformers repeats the keys and values instead
             # (its branch is `not is_torchdynamo_compiling()`): a compiled one-token step with
             # static shapes (generate(compile=...)) then skips two copies per layer, measured
-            # +5-8 % decode on SmolLM2-135M (fp32 compile=True, bf16/int8 max-autotune; README),
+            # +5-10 % decode on SmolLM2-135M (fp32 compile=True, bf16/int8 max-autotune; README),
             # with fp32 greedy tokens unchanged. A symbolic length (dynamic shapes) keeps
             # repeat_kv, so no guard on it is added.
             query = _pack_gqa(query, n_rep)  # (B, Hkv, n_rep, D)
