@@ -22,7 +22,8 @@ from .decoding import decode_step
 # A one-token step is a chain of matrix-vector products whose speed is how fast the weights stream
 # from memory.
 #
-# "default" (compile=True): no freezing, no prepacking, MKL's kernels, no autotuning. The weights
+# "default" (compile=True): no freezing, no prepacking, MKL's kernels (in half precision inductor's own
+# reductions instead: DECOMPOSED_PRODUCTS_OPTIONS below), no autotuning. The weights
 # stay inputs of the graph (so a weight changed in place after compiling is seen), inductor fuses
 # everything between the products, and all it makes is stored by its FX graph cache (and our
 # artifact file): a second process on the same checkpoint loads the step instead of compiling it

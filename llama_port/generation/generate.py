@@ -136,7 +136,7 @@ class GenerationMixin:
         seed: seeds a private torch.Generator for sampling, leaving the global RNG alone; None:
             the global RNG, drawn from as transformers draws (one multinomial per step).
         compile: torch.compile the single-token decode step (static cache only): CUDA graphs on
-            CUDA; on CPU inductor (see compile.CPU_COMPILE_MODES). True: the "default" mode, the
+            CUDA; on CPU inductor (see compile.cpu_compile_options). True: the "default" mode, the
             weights inputs of the graph, kept in the persistent compile cache
             (LLAMA_PORT_COMPILE_CACHE), so only the first process on a model's shapes compiles (half
             a minute or more on CPU) and later ones load it in seconds; "max-autotune": the weights
