@@ -64,6 +64,7 @@ COMPILE_MODES = tuple(CPU_COMPILE_MODES)
 # size limits (2048 rows and columns) are module globals read once at import, so while the step
 # runs they are raised to cover the head too (_decomposed_row_products).
 DECOMPOSED_PRODUCTS_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
+DECOMPOSED_CPU_DEFAULT_OPTIONS = {**CPU_COMPILE_MODES["default"], **DECOMPOSED_PRODUCTS_OPTIONS}
 DECOMPOSED_PRODUCT_DTYPES = (torch.bfloat16, torch.float16)
 # Modes whose CPU step PyTorch 2.13 cannot keep in its caches (above): they compile in every
 # process, so no cache entry is keyed or written for them; the first call says why.
@@ -102,7 +103,7 @@ def compiled_decode_step(device_type: str, mode: str = "default") -> Callable[..
         step_fn = _own_code(decode_step, f"{device_type}_{mode}".replace("-", "_"))
         if device_type == "cuda":
             compiled = torch.compile(step_fn, mode="reduce-overhead", fullgraph=True, dynamic=False)
-            step = _with_compile_cache(compiled, {"mode": "reduce-overhead"}, mode)
+            step = _with_compile_cache(compiled, mode)
         else:
             compiled = torch.compile(step_fn, fullgraph=True, dynamic=False)
             step = _with_inductor_config(compiled, mode)
@@ -120,48 +121,55 @@ def _own_code(fn: Callable[..., Tensor], tag: str) -> Callable[..., Tensor]:
     return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
-def cached_step_for(
-    model: nn.Module, input_ids: Tensor, cache: object, options: dict[str, object], mode: str
-) -> CachedStep:
+def cached_step_for(model: nn.Module, input_ids: Tensor, cache: object, mode: str) -> CachedStep:
     """The cache entry for ``model`` decoding a batch like ``input_ids`` (B, 1) over ``cache`` (a
-    StaticCache) in ``mode``; its key is computed once per model, shapes and mode in a process
-    (for a frozen graph it hashes the weights). A mode of UNCACHEABLE_CPU_MODES off CUDA gets an entry with no
-    directory: nothing is keyed, read or written."""
+    StaticCache) in ``mode``, made once per model, shapes and mode in a process: its options
+    (``step_options``) and key are resolved then, not per step (for a frozen graph the key hashes
+    the weights). A mode of UNCACHEABLE_CPU_MODES off CUDA gets an entry with no directory:
+    nothing is keyed, read or written."""
     entries = _CACHED_STEPS.setdefault(model, {})
     shapes = (input_ids.shape[0], cache.max_cache_len, mode)
-    uncached_reason = UNCACHEABLE_CPU_MODES.get(mode) if input_ids.device.type != "cuda" else None
-    if shapes not in entries and uncached_reason is not None:
-        entries[shapes] = CachedStep("", None, uncached_reason=uncached_reason)
     if shapes not in entries:
-        fields = step_key_fields(model, shapes[0], shapes[1], input_ids.device.type, options)
-        entries[shapes] = CachedStep(step_key(fields), cache_directory(), fields)
+        device_type = input_ids.device.type
+        options = step_options(device_type, mode, model.dtype)
+        uncached_reason = UNCACHEABLE_CPU_MODES.get(mode) if device_type != "cuda" else None
+        if uncached_reason is not None:
+            entries[shapes] = CachedStep("", None, options=options, uncached_reason=uncached_reason)
+        else:
+            fields = step_key_fields(model, shapes[0], shapes[1], device_type, options)
+            entries[shapes] = CachedStep(step_key(fields), cache_directory(), fields, options=options)
     return entries[shapes]
 
 
-def _with_compile_cache(fn: Callable[..., Tensor], options: dict[str, object], mode: str) -> Callable[..., Tensor]:
+def _with_compile_cache(fn: Callable[..., Tensor], mode: str) -> Callable[..., Tensor]:
     """``fn`` (the compiled step) called through its (model, shapes) entry's persistent cache."""
 
     def run(*args: object) -> Tensor:
-        model, input_ids, cache = args[0], args[1], args[5]
-        return cached_step_for(model, input_ids, cache, options, mode).call(fn, args)
+        return cached_step_for(args[0], args[1], args[5], mode).call(fn, args)
 
     return run
 
 
+def step_options(device_type: str, mode: str, dtype: torch.dtype) -> dict[str, object]:
+    """What a step of a ``dtype`` model compiles under in ``mode``: torch.compile's
+    "reduce-overhead" on CUDA, else inductor options (``cpu_compile_options``)."""
+    return {"mode": "reduce-overhead"} if device_type == "cuda" else cpu_compile_options(mode, dtype)
+
+
 def cpu_compile_options(mode: str, dtype: torch.dtype) -> dict[str, object]:
     """The inductor options of a CPU step in ``mode`` for a model of ``dtype``: CPU_COMPILE_MODES[mode],
-    plus DECOMPOSED_PRODUCTS_OPTIONS for a half-precision "default" step."""
+    or DECOMPOSED_CPU_DEFAULT_OPTIONS (with DECOMPOSED_PRODUCTS_OPTIONS) for a half-precision "default" step."""
     if mode == "default" and dtype in DECOMPOSED_PRODUCT_DTYPES:
-        return {**CPU_COMPILE_MODES[mode], **DECOMPOSED_PRODUCTS_OPTIONS}
+        return DECOMPOSED_CPU_DEFAULT_OPTIONS
     return CPU_COMPILE_MODES[mode]
 
 
 @contextlib.contextmanager
 def _decomposed_row_products(options: dict[str, object]) -> Iterator[None]:
-    """With DECOMPOSED_PRODUCTS_OPTIONS among ``options``: inductor's decompose_mm_pass takes one-row
+    """For a step compiled under DECOMPOSED_CPU_DEFAULT_OPTIONS: inductor's decompose_mm_pass takes one-row
     products of any size for the block (its CPU limits, module globals read at import, are raised
     and restored after). A torch without those globals keeps its own limits."""
-    if "post_grad_fusion_options" not in options:
+    if options is not DECOMPOSED_CPU_DEFAULT_OPTIONS:
         yield
         return
     from torch._inductor.fx_passes import decompose_mem_bound_mm as decompose
@@ -179,9 +187,9 @@ def _decomposed_row_products(options: dict[str, object]) -> Iterator[None]:
 
 
 def _with_inductor_config(fn: Callable[..., Tensor], mode: str) -> Callable[..., Tensor]:
-    """``fn`` run with inductor's global config patched by the model's ``cpu_compile_options``
-    (compilation happens lazily, inside a call) and the persistent compile cache; in
-    "max-autotune", falling back once to CPU_COMPILE_FALLBACK_OPTIONS if compiling fails. Not
+    """``fn`` run with inductor's global config patched by its entry's options (``cpu_compile_options``,
+    resolved once per entry; compilation happens lazily, inside a call) and the persistent compile
+    cache; in "max-autotune", falling back once to CPU_COMPILE_FALLBACK_OPTIONS if compiling fails. Not
     torch.compile(options=...): with these options passed there the step ran at eager speed, as if
     freezing were off (torch 2.13), while the same options set globally give the 2x."""
     import torch._inductor.config as inductor_config
@@ -189,22 +197,22 @@ def _with_inductor_config(fn: Callable[..., Tensor], mode: str) -> Callable[...,
 
     fallen_back = False
 
-    def call(options: dict[str, object], args: tuple[object, ...]) -> Tensor:
-        model, input_ids, cache = args[0], args[1], args[5]
+    def call(entry: CachedStep, options: dict[str, object], args: tuple[object, ...]) -> Tensor:
         with inductor_config.patch(options), _decomposed_row_products(options):
-            return cached_step_for(model, input_ids, cache, options, mode).call(fn, args)
+            return entry.call(fn, args)
 
     def run(*args: object) -> Tensor:
         nonlocal fallen_back
+        entry = cached_step_for(args[0], args[1], args[5], mode)
         if fallen_back:
-            return call(CPU_COMPILE_FALLBACK_OPTIONS, args)
+            return call(entry, CPU_COMPILE_FALLBACK_OPTIONS, args)
         try:
-            return call(cpu_compile_options(mode, args[0].dtype), args)
+            return call(entry, entry.options, args)
         except InductorError as err:  # raised while compiling, never by a compiled graph running
             if mode != "max-autotune":
                 raise
             warnings.warn(f"compiling the decode step failed ({err}); retrying with MKL allowed", stacklevel=2)
             fallen_back = True
-            return call(CPU_COMPILE_FALLBACK_OPTIONS, args)
+            return call(entry, CPU_COMPILE_FALLBACK_OPTIONS, args)
 
     return run

@@ -220,6 +220,8 @@ class CachedStep:
     key: str
     directory: Path | None
     fields: dict[str, Any] = field(default_factory=dict)
+    # What the step compiles under: inductor options on CPU, torch.compile's mode on CUDA.
+    options: dict[str, Any] = field(default_factory=dict)
     uncached_reason: str | None = None  # why ``directory`` is None for a step that is never cached
     first_call_done: bool = False
     announced: bool = False
